@@ -1,0 +1,61 @@
+"""PotentialCalculator: an ASE calculator backed by a :class:`~potentials.potential.Potential`."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+from torch_geometric.data import Batch
+
+from potentials import keys
+from potentials.graph import AtomicGraph
+from potentials.potential import Potential
+
+
+class PotentialCalculator(Calculator):
+    """ASE calculator: energy, free_energy and forces; stress (eV/Å³, ASE sign) for fully periodic cells.
+
+    Args:
+        potential: the trained potential.
+        device: torch device to run on (``"cpu"``, ``"cuda"``, ``"cuda:1"`` …).
+        dtype: ``"float32"`` or ``"float64"``.
+    """
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+
+    def __init__(self, potential: Potential, device: str = "cpu", dtype: str = "float32", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.device = torch.device(device)
+        self.potential = potential.to(device=self.device, dtype=self.dtype).eval()
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, device: str = "cpu", dtype: str = "float32", **kwargs
+                  ) -> PotentialCalculator:
+        """Load a model file written at the end of training (``<run dir>/model.pt``)."""
+        from potentials.export import load
+
+        return cls(load(path, device=device, dtype=dtype), device=device, dtype=dtype, **kwargs)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        graph = AtomicGraph.from_atoms(atoms, self.potential.cutoff, dtype=self.dtype)
+        self.potential.check_elements(graph.z)
+        batch = Batch.from_data_list([graph]).to(self.device)
+        want_stress = bool(np.all(atoms.pbc))  # cheap beside forces, and saves a second call
+        if "stress" in properties and not want_stress:
+            from ase.calculators.calculator import PropertyNotImplementedError
+
+            raise PropertyNotImplementedError("stress is defined only for structures periodic in all directions")
+        out = self.potential(batch, compute_forces=True, compute_stress=want_stress)
+        energy = float(out[keys.ENERGY].detach().double().sum())
+        self.results["energy"] = energy
+        self.results["free_energy"] = energy
+        self.results["energies"] = out[keys.NODE_ENERGY].detach().double().cpu().numpy()
+        self.results["forces"] = out[keys.FORCES].detach().double().cpu().numpy()
+        if want_stress:
+            self.results["stress"] = full_3x3_to_voigt_6_stress(out[keys.STRESS][0].detach().double().cpu().numpy())

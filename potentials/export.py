@@ -1,0 +1,86 @@
+"""One deployable file per trained model: ``save(potential, path, model_config)`` and ``load(path)``.
+
+The file is a ``torch.save`` of plain data (loadable with ``weights_only=True``, no pickled classes):
+the model's Hydra config (``_target_`` names the class), the weights (EMA weights when training used EMA), cutoff,
+reference energies, scale/shift, the elements trained on, units and the package version.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from potentials.potential import Potential
+
+FORMAT_VERSION = 1
+UNITS = {"energy": "eV", "length": "Å", "forces": "eV/Å", "stress": "eV/Å³ (ASE sign)"}
+
+
+def _package_version() -> str:
+    from potentials import __version__
+
+    return __version__
+
+
+def save(potential: Potential, path: str | os.PathLike, model_config: dict[str, Any],
+         extra: dict[str, Any] | None = None) -> Path:
+    """Write ``potential`` to ``path`` (atomically: a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in potential.model.state_dict().items()}
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "package_version": _package_version(),
+        "model_config": model_config,
+        "model_state": state,
+        "cutoff": potential.cutoff,
+        "atomic_energies": {z: float(potential.atomic_energies[z]) for z in potential.elements},
+        "scale": float(potential.scale),
+        "shift": float(potential.shift),
+        "elements": potential.elements,
+        "units": UNITS,
+        "extra": extra or {},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
+         ) -> Potential:
+    """Load a file written by :func:`save` as a :class:`Potential` in eval mode on ``device`` with ``dtype``."""
+    from hydra.utils import instantiate
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"{path}: not a readable potentials model file ({err})") from err
+    if not isinstance(payload, dict) or "format_version" not in payload:
+        raise ValueError(f"{path}: not a potentials model file (no format_version)")
+    if payload["format_version"] > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: written by potentials {payload.get('package_version')} in file format "
+            f"{payload['format_version']}; this version reads format {FORMAT_VERSION} at most — upgrade potentials"
+        )
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = instantiate(payload["model_config"])
+    try:
+        model.load_state_dict(payload["model_state"])
+    except RuntimeError as err:
+        raise ValueError(f"{path}: the weights do not fit the model its config describes: {err}") from err
+    potential = Potential(
+        model,
+        cutoff=payload["cutoff"],
+        atomic_energies={int(k): v for k, v in payload["atomic_energies"].items()},
+        scale=payload["scale"],
+        shift=payload["shift"],
+    )
+    potential.metadata = {k: payload[k] for k in ("package_version", "units", "elements", "extra", "model_config")}
+    return potential.to(device=device, dtype=dtype).eval()

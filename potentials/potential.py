@@ -1,0 +1,153 @@
+"""Potential: any energy model plus reference energies and scale/shift; forces and stress by autograd.
+
+This is the one place where forces and stress are derived, for every model family:
+
+1. a symmetric strain ε (zeros, requires grad) deforms positions and cell: r → r(1+ε), cell → cell(1+ε);
+2. edge vectors are computed from the strained geometry (models see geometry only through ``edge_vec``);
+3. the model gives per-atom energies e_i; E_i = scale·e_i + shift + E0[z_i]; E = Σ_i E_i per structure;
+4. forces = −∂E/∂r (eV/Å), virial W = −∂E/∂ε (eV), stress σ = (1/V)·∂E/∂ε (eV/Å³, ASE sign).
+
+Stress is NaN for structures that are not periodic in every direction.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from potentials import keys
+from potentials.neighbors import edge_vectors
+
+NUM_Z = 119
+
+
+def _scatter_sum(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    out = torch.zeros((size, *src.shape[1:]), dtype=src.dtype, device=src.device)
+    return out.index_add(0, index, src)
+
+
+class Potential(nn.Module):
+    """Wraps an energy model (see the model contract in DESIGN.md) into energy, forces and stress.
+
+    Args:
+        model: ``nn.Module`` whose ``forward(graph)`` returns per-atom energies [N] (or a dict with ``node_energy``
+            and, for a direct-force head, ``forces``).
+        cutoff: the neighbour radius the model was built for, Å.
+        atomic_energies: per-element reference energies E0[z], eV (mapping z → eV); elements listed here are the
+            elements the potential knows.
+        scale: multiplies the model's per-atom output (eV); usually the force RMS of the training set.
+        shift: added to every atom's energy, eV.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cutoff: float,
+        atomic_energies: Mapping[int, float] | None = None,
+        scale: float = 1.0,
+        shift: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.cutoff = float(cutoff)
+        e0 = torch.zeros(NUM_Z)
+        known = torch.zeros(NUM_Z, dtype=torch.bool)
+        for z, e in (atomic_energies or {}).items():
+            e0[int(z)] = float(e)
+            known[int(z)] = True
+        self.register_buffer("atomic_energies", e0)
+        self.register_buffer("known_elements", known)
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.register_buffer("shift", torch.tensor(float(shift)))
+
+    @property
+    def elements(self) -> list[int]:
+        """Atomic numbers with a reference energy (the elements trained on)."""
+        return torch.nonzero(self.known_elements).flatten().tolist()
+
+    def check_elements(self, z: torch.Tensor) -> None:
+        """Raise ``ValueError`` if ``z`` holds elements the potential was not trained on (when it knows any)."""
+        if not bool(self.known_elements.any()):
+            return
+        unknown = sorted(set(z.unique().tolist()) - set(self.elements))
+        if unknown:
+            from ase.data import chemical_symbols
+
+            names = ", ".join(chemical_symbols[u] for u in unknown)
+            known = ", ".join(chemical_symbols[u] for u in self.elements)
+            raise ValueError(f"the structure contains elements the model never saw: {names} (trained on: {known})")
+
+    def forward(
+        self,
+        data,
+        compute_forces: bool = True,
+        compute_stress: bool = True,
+        create_graph: bool | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Energy, forces and stress of a (batched) :class:`~potentials.graph.AtomicGraph`.
+
+        Args:
+            data: graph or PyG batch with ``pos``, ``z``, ``cell``, ``pbc``, ``edge_index``, ``cell_offsets``.
+            compute_forces: derive forces [N, 3] eV/Å.
+            compute_stress: derive stress [B, 3, 3] eV/Å³ (NaN where not fully periodic) and virial [B, 3, 3] eV.
+            create_graph: keep the graph of the derivatives (needed to train on forces); defaults to
+                ``self.training``.
+
+        Returns:
+            dict with ``energy`` [B], ``node_energy`` [N] and, as asked, ``forces``, ``stress``, ``virial``.
+        """
+        create_graph = self.training if create_graph is None else create_graph
+        pos, cell, z = data.pos, data.cell.reshape(-1, 3, 3), data.z
+        n_atoms = pos.shape[0]
+        batch = getattr(data, "batch", None)
+        if batch is None:
+            batch = torch.zeros(n_atoms, dtype=torch.long, device=pos.device)
+        n_graphs = cell.shape[0]
+        with torch.enable_grad():
+            inputs = []
+            if compute_forces:
+                if not pos.requires_grad:
+                    pos = pos.detach().requires_grad_(True)
+                inputs.append(pos)
+            if compute_stress:
+                strain = torch.zeros(n_graphs, 3, 3, dtype=pos.dtype, device=pos.device, requires_grad=True)
+                sym = 0.5 * (strain + strain.transpose(1, 2))
+                pos = pos + torch.einsum("na,nab->nb", pos, sym[batch])
+                cell = cell + torch.bmm(cell, sym)
+                inputs.append(strain)
+            data = copy.copy(data)  # shallow: new attribute store, same tensors
+            data.batch = batch
+            data.edge_vec = edge_vectors(pos, data.edge_index, data.cell_offsets, cell, batch)
+            out = self.model(data)
+            direct_forces = None
+            if isinstance(out, Mapping):
+                direct_forces = out.get(keys.FORCES)
+                out = out[keys.NODE_ENERGY]
+            node_energy = (self.scale * out + self.shift + self.atomic_energies[z]).to(pos.dtype)
+            energy = _scatter_sum(node_energy, batch, n_graphs)
+            result = {keys.ENERGY: energy, keys.NODE_ENERGY: node_energy}
+            if direct_forces is not None:
+                result[keys.FORCES] = direct_forces * self.scale
+                if compute_forces:
+                    inputs = inputs[1:]
+            if inputs:
+                grads = torch.autograd.grad(
+                    [energy.sum()], inputs, create_graph=create_graph, allow_unused=True
+                )
+                grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, inputs, strict=True)]
+                if compute_forces and direct_forces is None:
+                    result[keys.FORCES] = -grads[0]
+                if compute_stress:
+                    de_dstrain = grads[-1]
+                    volume = torch.linalg.det(cell).abs()
+                    periodic = data.pbc.reshape(-1, 3).all(dim=1) & (volume > 1e-8)
+                    safe_volume = torch.where(periodic, volume, torch.ones_like(volume))
+                    stress = de_dstrain / safe_volume.view(-1, 1, 1)
+                    nan = torch.full_like(stress, math.nan)
+                    result[keys.STRESS] = torch.where(periodic.view(-1, 1, 1), stress, nan)
+                    result[keys.VIRIAL] = -de_dstrain
+        return result
