@@ -45,8 +45,7 @@ class AtomicGraph(Data):
     """One atomic structure with its periodic radius graph (fields and units: :mod:`potentials.keys`)."""
 
     @classmethod
-    def from_atoms(cls, atoms: ase.Atoms, cutoff: float, dtype: torch.dtype = torch.get_default_dtype()
-                   ) -> AtomicGraph:
+    def from_atoms(cls, atoms: ase.Atoms, cutoff: float, dtype: torch.dtype | None = None) -> AtomicGraph:
         """Build the graph of ``atoms`` with all neighbours closer than ``cutoff`` Å.
 
         Labels found on ``atoms.calc`` (energy eV, forces eV/Å, stress eV/Å³ with ASE's sign) are copied, with masks
@@ -56,8 +55,9 @@ class AtomicGraph(Data):
         Args:
             atoms: the structure.
             cutoff: neighbour radius, Å.
-            dtype: floating dtype of positions, cell and labels.
+            dtype: floating dtype of positions, cell and labels (default: torch's default dtype).
         """
+        dtype = dtype or torch.get_default_dtype()
         n = len(atoms)
         pbc = np.asarray(atoms.pbc, dtype=bool)
         cell = np.asarray(atoms.cell.array, dtype=np.float64) if pbc.any() else np.zeros((3, 3))

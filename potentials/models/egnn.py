@@ -25,7 +25,12 @@ class EGNNLayer(nn.Module):
 
     def __init__(self, channels: int, num_basis: int, avg_num_neighbors: float) -> None:
         super().__init__()
-        self.edge_mlp = mlp([2 * channels + num_basis, channels, channels], last_act=True)
+        # φ_e's first layer acts on [h_i, h_j, ρ]; split as W_i h_i + W_j h_j + W_ρ ρ so the two C×C products run on
+        # nodes (N rows) and are gathered, instead of on edges (E ≈ 40 N rows)
+        self.lin_i = nn.Linear(channels, channels, bias=True)
+        self.lin_j = nn.Linear(channels, channels, bias=False)
+        self.lin_rad = nn.Linear(num_basis, channels, bias=False)
+        self.edge_mlp = nn.Sequential(nn.SiLU(), nn.Linear(channels, channels), nn.SiLU())
         self.gate = nn.Sequential(nn.Linear(channels, 1), nn.Sigmoid())
         self.node_mlp = mlp([2 * channels, channels, channels])
         self.norm = 1.0 / float(avg_num_neighbors)
@@ -34,7 +39,8 @@ class EGNNLayer(nn.Module):
                 ) -> torch.Tensor:
         """h: [N, C]; edge_index [2, E] (j, i); radial [E, num_basis]; envelope [E] → new h [N, C]."""
         j, i = edge_index[0], edge_index[1]
-        m = self.edge_mlp(torch.cat([h[i], h[j], radial], dim=-1)) * envelope.unsqueeze(-1)
+        pre = self.lin_i(h)[i] + self.lin_j(h)[j] + self.lin_rad(radial)
+        m = self.edge_mlp(pre) * envelope.unsqueeze(-1)
         m = m * self.gate(m)
         agg = torch.zeros_like(h).index_add(0, i, m) * self.norm
         return h + self.node_mlp(torch.cat([h, agg], dim=-1))
