@@ -1,0 +1,68 @@
+"""Structure relaxation with ASE optimisers (positions, and the cell through FrechetCellFilter)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ase
+import numpy as np
+from ase.filters import FrechetCellFilter
+from ase.optimize import BFGS, FIRE, LBFGS
+
+OPTIMIZERS = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS}
+
+
+@dataclass
+class RelaxResult:
+    """Outcome of one relaxation (energies eV, fmax eV/Å)."""
+
+    converged: bool
+    steps: int
+    initial_energy: float
+    final_energy: float
+    initial_fmax: float
+    final_fmax: float
+    atoms: ase.Atoms
+
+
+def _fmax(obj) -> float:
+    return float(np.sqrt((obj.get_forces() ** 2).sum(axis=1)).max()) if len(obj) else 0.0
+
+
+def relax(
+    atoms: ase.Atoms,
+    calc,
+    *,
+    fmax: float = 0.05,
+    steps: int = 500,
+    optimizer: str = "FIRE",
+    cell: bool = False,
+    trajectory: str | os.PathLike | None = None,
+    logfile: str | None = None,
+) -> RelaxResult:
+    """Relax ``atoms`` (a copy) with ``calc`` until every force (and, with ``cell``, stress term) is below ``fmax``.
+
+    Args:
+        atoms: the structure; not modified.
+        calc: an ASE calculator (e.g. :class:`~potentials.calculator.PotentialCalculator`).
+        fmax: convergence threshold, eV/Å.
+        steps: maximum optimiser steps.
+        optimizer: FIRE, BFGS or LBFGS.
+        cell: also relax the cell (needs a fully periodic structure).
+        trajectory: ASE .traj file to write the path to.
+        logfile: optimiser log (None: silent, "-": stdout).
+    """
+    name = optimizer.upper()
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if cell and not np.all(atoms.pbc):
+        raise ValueError("--cell relaxes the lattice and needs a structure periodic in all three directions")
+    atoms = atoms.copy()
+    atoms.calc = calc
+    target = FrechetCellFilter(atoms) if cell else atoms
+    e0, f0 = atoms.get_potential_energy(), _fmax(target)
+    opt = OPTIMIZERS[name](target, trajectory=None if trajectory is None else str(trajectory), logfile=logfile)
+    converged = bool(opt.run(fmax=fmax, steps=steps))
+    return RelaxResult(converged, int(opt.nsteps), float(e0), float(atoms.get_potential_energy()), f0,
+                       _fmax(target), atoms)
