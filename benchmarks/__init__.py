@@ -1,0 +1,1 @@
+"""Speed and accuracy benchmarks against peer frameworks; writes tables and plots."""

@@ -1,0 +1,205 @@
+"""Command line: ``python -m benchmarks run [--quick] [--only infer,train,accuracy,neighbors]``.
+
+``python -m benchmarks setup`` only builds the peer venvs (benchmarks/.venvs, cached between runs).
+Results go to ``benchmarks/results/<date>-<machine>.md`` (+ ``.json`` with every raw number, + PNGs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import neighbors_bench, peers, report, structures, suite
+
+PARTS = ("infer", "train", "accuracy", "neighbors")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _record(framework: str, label: str, request: dict, settings: suite.Settings, timeout: float) -> dict:
+    """Run one worker; a failure becomes an ``error`` record so one broken model does not stop the run."""
+    log(f"{request['task']:<16} {label} ({framework}, {request.get('dtype')})")
+    try:
+        if framework == "ours":
+            reason = suite.ours_available(request["model"])
+            if reason:
+                return {"label": label, "framework": framework, "error": f"skipped: {reason}"}
+        result = peers.run_worker(framework, request, timeout=timeout,
+                                  wait_policy=None if settings.omp_wait_policy == "none" else settings.omp_wait_policy)
+        return {"label": label, "framework": framework, "result": result}
+    except peers.PeerError as exc:
+        log(f"  failed: {str(exc).splitlines()[0]}")
+        return {"label": label, "framework": framework, "error": str(exc)}
+
+
+def _common(settings: suite.Settings, task: str, dtype: str, cfg: dict) -> dict:
+    return {"task": task, "dtype": dtype, "threads": settings.threads, "model": cfg, "seed": 0}
+
+
+def run_infer(settings: suite.Settings, paths: dict[str, Path]) -> list[dict]:
+    entries = [{"name": n, "path": str(paths[n])} for n in settings.infer_structures]
+    records = []
+    for label, (framework, cfg) in suite.selected_models(settings).items():
+        for dtype in settings.dtypes:
+            req = {**_common(settings, "infer", dtype, cfg), "structures": entries,
+                   "warmup": settings.warmup, "steps": settings.steps}
+            records.append(_record(framework, label, req, settings, timeout=3600))
+    return records
+
+
+def run_train(settings: suite.Settings, paths: dict[str, Path], splits: dict[str, Path]) -> list[dict]:
+    entries = [{"name": "cu500", "path": str(paths["cu500"]), "batch_size": 1},
+               {"name": "md17-ethanol", "path": str(splits["train"]), "batch_size": 5}]
+    records = []
+    for label, (framework, cfg) in suite.selected_models(settings).items():
+        req = {**_common(settings, "train_step", "float32", cfg), "structures": entries,
+               "warmup": settings.train_warmup, "steps": settings.train_steps}
+        records.append(_record(framework, label, req, settings, timeout=3600))
+    return records
+
+
+def run_accuracy(settings: suite.Settings, splits: dict[str, Path]) -> list[dict]:
+    """MACE and our models trained on MD17 ethanol for the same wall-clock budget (fairchem not included)."""
+    records = []
+    for label, (framework, cfg) in suite.selected_models(settings).items():
+        if framework == "fairchem":
+            continue
+        req = {**_common(settings, "train_equal_time", "float32", cfg), "budget_s": settings.budget_s,
+               **{k: str(v) for k, v in splits.items()}, "batch_size": 5, "eval_points": 8}
+        records.append(_record(framework, label, req, settings, timeout=settings.budget_s * 3 + 1800))
+    return records
+
+
+def _versions(records: dict) -> dict:
+    out = {}
+    for recs in records.values():
+        if not isinstance(recs, list):
+            continue
+        for rec in recs:
+            if isinstance(rec, dict) and "result" in rec and "versions" in rec["result"]:
+                v = rec["result"]["versions"]
+                out.setdefault(rec["framework"], ", ".join(f"{k} {x}" for k, x in v.items()))
+    return out
+
+
+def run(args: argparse.Namespace) -> Path:
+    only = tuple(args.only.split(",")) if args.only else PARTS
+    bad = [p for p in only if p not in PARTS]
+    if bad:
+        raise SystemExit(f"--only: unknown part(s) {bad}; choose from {','.join(PARTS)}")
+    settings = suite.Settings.make(
+        args.quick, threads=args.threads, budget_s=args.budget,
+        dtypes=tuple(args.dtypes.split(",")) if args.dtypes else None,
+        infer_structures=tuple(args.structures.split(",")) if args.structures else None,
+        frameworks=tuple(args.frameworks.split(",")) if args.frameworks else None,
+        models=tuple(args.models.split(",")) if args.models else None,
+        omp_wait_policy=args.omp_wait)
+    start = dt.datetime.now()
+    meta = {"start": start.isoformat(timespec="seconds"), "machine_start": report.machine_info(),
+            "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "settings": vars(settings)}
+    log(f"settings: {settings}")
+    cache = structures.CACHE_DIR
+    paths = {n: structures.write_structure(n, cache) for n in settings.infer_structures + ("cu500",)}
+    n_train, n_val, n_test = settings.md17_split
+    splits = structures.write_md17_splits(cache, n_train, n_val, n_test)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = report.report_stem(start)
+    if (out / f"{stem}.json").exists():  # a second run the same day keeps the first report
+        stem += f"-{start:%H%M}"
+    meta["stem"] = stem
+    raw = out / f"{stem}.json"
+    run_data: dict = {"meta": meta, "records": {}}
+    steps = {"neighbors": lambda: neighbors_bench.run(), "infer": lambda: run_infer(settings, paths),
+             "train": lambda: run_train(settings, paths, splits), "accuracy": lambda: run_accuracy(settings, splits)}
+    for part in PARTS:
+        if part in only:
+            log(part)
+            run_data["records"][part] = steps[part]()
+            # raw numbers saved after every part, so a later failure loses nothing
+            raw.write_text(json.dumps(run_data, indent=1, default=str))
+    meta["machine_end"] = report.machine_info()
+    raw.write_text(json.dumps(run_data, indent=1, default=str))
+    return write(run_data, out)
+
+
+def write(run_data: dict, out: Path) -> Path:
+    """Render ``<stem>.md`` and the figures from the raw run data (as saved in ``<stem>.json``)."""
+    meta, records = run_data["meta"], run_data["records"]
+    settings = meta["settings"]
+    start = dt.datetime.fromisoformat(meta["start"])
+    m0, m1 = meta["machine_start"], meta.get("machine_end", {})
+    out.mkdir(parents=True, exist_ok=True)
+    stem = meta.get("stem") or report.report_stem(start, m0["host"])
+    header = {
+        "date": start.strftime("%Y-%m-%d %H:%M"),
+        "command": meta["command"],
+        "machine": f"{m0['host']}: {m0['cpu']}, {m0['cores']} cores, {m0['memory_GB']} GB, {m0['platform']}",
+        "load average (1/5/15 min) at start / end": f"{m0['load_avg_1_5_15']} / {m1.get('load_avg_1_5_15')}",
+        "threads": f"{settings['threads']} (torch.set_num_threads and OMP_NUM_THREADS), "
+                   f"OMP_WAIT_POLICY={settings['omp_wait_policy']}",
+        "versions": _versions(records) or "n/a",
+        "settings": {k: v for k, v in settings.items() if k != "models"},
+    }
+    sections = []
+    if "infer" in records:
+        report.plot_throughput(records["infer"], out / f"{stem}-infer.png")
+        sections.append(("Inference: energy + forces + stress per step",
+                         report.infer_table(records["infer"]) + f"\n\n![throughput]({stem}-infer.png)"))
+    if "train" in records:
+        sections.append(("Training step (forces in the loss, graphs prebuilt, float32)",
+                         report.train_table(records["train"])))
+    if "accuracy" in records:
+        report.plot_curves(records["accuracy"], out / f"{stem}-accuracy.png")
+        sections.append((f"Accuracy at equal time: MD17 ethanol, {settings['budget_s']:.0f} s of optimiser steps",
+                         report.accuracy_table(records["accuracy"]) + f"\n\n![accuracy]({stem}-accuracy.png)"))
+    if "neighbors" in records:
+        report.plot_neighbors(records["neighbors"], out / f"{stem}-neighbors.png")
+        sections.append(("Neighbour lists: Cu fcc, cutoff 5 Å, full list with images",
+                         report.neighbors_table(records["neighbors"]) + f"\n\n![neighbours]({stem}-neighbors.png)"))
+    md = report.write_markdown(out / f"{stem}.md", header, sections)
+    log(f"wrote {md}")
+    return md
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="measure and write the report")
+    r.add_argument("--quick", action="store_true", help="one model per framework, float32, Si64 and Cu500, 60 s")
+    r.add_argument("--only", help=f"comma-separated subset of {','.join(PARTS)}")
+    r.add_argument("--frameworks", help="comma-separated subset of ours,mace,fairchem")
+    r.add_argument("--models", help=f"comma-separated labels from {','.join(suite.all_models())}")
+    r.add_argument("--dtypes", help="comma-separated subset of float32,float64")
+    r.add_argument("--structures", help="inference structures, e.g. si64,cu500,ethanol,oc20")
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--budget", type=float, help="seconds of training per model for the accuracy part")
+    r.add_argument("--omp-wait", default="PASSIVE", help="OMP_WAIT_POLICY for workers (PASSIVE, ACTIVE or none)")
+    r.add_argument("--out", default=str(report.RESULTS_DIR))
+    w = sub.add_parser("report", help="re-render the markdown and figures from a saved <stem>.json")
+    w.add_argument("json")
+    w.add_argument("--out", help="folder (default: beside the json)")
+    s = sub.add_parser("setup", help="build the peer venvs")
+    s.add_argument("peers", nargs="*", default=list(peers.PEERS))
+    s.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "report":
+        path = Path(args.json)
+        write(json.loads(path.read_text()), Path(args.out) if args.out else path.parent)
+    elif args.command == "setup":
+        for name in args.peers:
+            print(json.dumps(peers.ensure_venv(name, force=args.force), indent=2))
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Peer frameworks: one cached virtual environment each, and the subprocess call into its worker.
+
+Each peer (``mace``, ``fairchem``) lives in ``benchmarks/.venvs/<peer>`` (git-ignored). The venv is
+created on first use and re-created when its marker file is missing or records other pins than the
+ones below. ``torch`` is installed first and pinned in every later step, so the peer's own
+requirements cannot swap it for a multi-GB CUDA build.
+
+Pins:
+    * torch 2.13.0 (the CPU build that pip finds locally) in both venvs; fairchem-core 2.24.0 itself
+      requires ``torch~=2.13.0`` and mace-torch 0.3.16 ``torch>=1.12``, so no other torch is needed.
+    * mace-torch 0.3.16 (pins e3nn 0.4.4, which is why it cannot share the main venv, e3nn >= 0.5).
+    * fairchem-core 2.24.0 plus ase. Its Linux requirements include ``cuda-python`` and
+      ``nvidia-cutlass-dsl`` wheels (about 2.4 GB in all); these are installed, not used, on CPU.
+
+A worker reads one JSON request on stdin and prints one JSON object as its last stdout line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+VENV_ROOT = BENCH_DIR / ".venvs"
+WORKER_DIR = BENCH_DIR / "workers"
+MARKER = "potentials-peer.json"
+TORCH_PIN = "torch==2.13.0"
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """How to build and call one peer.
+
+    Attributes:
+        name: short name, also the venv folder and the ``<name>_worker.py`` prefix.
+        packages: pip requirement strings installed after torch.
+        distributions: distribution names whose installed versions are reported.
+        smoke: Python statement that must run in the venv for it to count as ready.
+    """
+
+    name: str
+    packages: tuple[str, ...]
+    distributions: tuple[str, ...]
+    smoke: str
+    torch: str = TORCH_PIN
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pins(self) -> list[str]:
+        """All requirement strings that define this venv, torch first."""
+        return [self.torch, *self.packages]
+
+
+PEERS: dict[str, PeerSpec] = {
+    "mace": PeerSpec(
+        name="mace",
+        packages=("mace-torch==0.3.16",),
+        distributions=("mace-torch", "torch", "e3nn", "ase", "numpy"),
+        smoke="import mace.modules, torch; assert torch.__version__.startswith('2.13.0')",
+    ),
+    "fairchem": PeerSpec(
+        name="fairchem",
+        packages=("fairchem-core==2.24.0", "ase"),
+        distributions=("fairchem-core", "torch", "e3nn", "ase", "numpy"),
+        smoke="import fairchem.core.models.uma.escn_md, torch; assert torch.__version__.startswith('2.13.0')",
+    ),
+}
+
+
+class PeerError(RuntimeError):
+    """A peer venv could not be built, or its worker failed."""
+
+
+def venv_dir(peer: str) -> Path:
+    """Folder of the venv of ``peer``."""
+    return VENV_ROOT / peer
+
+
+def venv_python(peer: str) -> Path:
+    """Interpreter inside the venv of ``peer``."""
+    return venv_dir(peer) / "bin" / "python"
+
+
+def _spec(peer: str) -> PeerSpec:
+    if peer not in PEERS:
+        raise PeerError(f"unknown peer {peer!r}; known peers: {sorted(PEERS)}")
+    return PEERS[peer]
+
+
+def read_marker(peer: str) -> dict | None:
+    """The marker of a ready venv (pins and installed versions), or None if absent or unreadable."""
+    path = venv_dir(peer) / MARKER
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_ready(peer: str) -> bool:
+    """True if the venv exists and its marker records the current pins."""
+    pins = _spec(peer).pins
+    marker = read_marker(peer)
+    return bool(marker) and marker.get("pins") == pins and venv_python(peer).exists()
+
+
+def _run(cmd: list[str], log, env: dict[str, str] | None = None) -> None:
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise PeerError(f"command failed ({proc.returncode}): {' '.join(cmd)}; see {log.name}")
+
+
+def installed_versions(peer: str) -> dict[str, str]:
+    """Versions of the peer's key distributions, read inside its venv."""
+    spec = _spec(peer)
+    code = (
+        "import json, importlib.metadata as m, sys\n"
+        f"names = {list(spec.distributions)!r}\n"
+        "out = {}\n"
+        "for n in names:\n"
+        "    try: out[n] = m.version(n)\n"
+        "    except m.PackageNotFoundError: out[n] = 'absent'\n"
+        "out['python'] = sys.version.split()[0]\n"
+        "print(json.dumps(out))\n"
+    )
+    out = subprocess.run([str(venv_python(peer)), "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ensure_venv(peer: str, *, force: bool = False, python: str | None = None) -> dict:
+    """Create (or re-create) the venv of ``peer`` if needed; return its marker.
+
+    Args:
+        peer: a key of ``PEERS``.
+        force: rebuild even if the marker matches.
+        python: base interpreter for ``python -m venv`` (default: the running one).
+
+    Returns:
+        The marker dict: ``pins`` and ``versions`` (installed distribution versions).
+    """
+    spec = _spec(peer)
+    if is_ready(peer) and not force:
+        return read_marker(peer)
+    target = venv_dir(peer)
+    if target.exists():
+        shutil.rmtree(target)
+    VENV_ROOT.mkdir(parents=True, exist_ok=True)
+    log_path = VENV_ROOT / f"{peer}-install.log"
+    print(f"[peers] building {target} (log: {log_path}); this takes minutes", file=sys.stderr, flush=True)
+    base = python or getattr(sys, "_base_executable", None) or sys.executable
+    with open(log_path, "w") as log:
+        _run([base, "-m", "venv", str(target)], log)
+        pip = [str(venv_python(peer)), "-m", "pip", "install", "--disable-pip-version-check"]
+        constraints = target / "torch-constraint.txt"
+        constraints.write_text(spec.torch + "\n")
+        # torch first, alone: the local CPU build satisfies the pin, so later steps keep it.
+        _run([*pip, spec.torch], log)
+        _run([*pip, "-c", str(constraints), *spec.pins], log)
+        _run([str(venv_python(peer)), "-c", spec.smoke], log)
+    marker = {"peer": peer, "pins": spec.pins, "versions": installed_versions(peer)}
+    (target / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return marker
+
+
+def parse_worker_output(stdout: str) -> dict:
+    """The result of a worker: the last stdout line that parses as a JSON object.
+
+    Workers may print library warnings before their result; those lines are ignored.
+
+    Raises:
+        PeerError: if no line is a JSON object, or the object reports ``"error"``.
+    """
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if not (line.startswith("{") and line.endswith("}")):
+            continue
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(result, dict):
+            if "error" in result:
+                raise PeerError(f"worker reported an error: {result['error']}")
+            return result
+    tail = "\n".join(stdout.strip().splitlines()[-5:])
+    raise PeerError(f"worker printed no JSON result; last lines of its output:\n{tail}")
+
+
+def worker_env(threads: int, wait_policy: str | None = "PASSIVE", pythonpath: str | None = None) -> dict[str, str]:
+    """Environment for a worker: thread counts pinned, warnings silenced, the main project off ``sys.path``.
+
+    ``OMP_WAIT_POLICY=PASSIVE`` (the default here) stops idle OpenMP threads from spinning: on a machine
+    shared with other jobs, spinning threads of a 2-thread pool slowed every framework by 3-10x.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[key] = str(threads)
+    if wait_policy:
+        env["OMP_WAIT_POLICY"] = wait_policy
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONWARNINGS"] = "ignore"
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return env
+
+
+def run_worker(peer: str, request: dict, *, timeout: float = 3600.0, wait_policy: str | None = "PASSIVE") -> dict:
+    """Run ``workers/<peer>_worker.py`` with ``request`` on stdin and return its JSON result.
+
+    Args:
+        peer: a key of ``PEERS`` (run in its venv, built first if needed), or ``"ours"`` (run with this
+            interpreter and the project root on ``PYTHONPATH``).
+        request: JSON-serialisable dict; ``threads`` (default 2) also sets the OpenMP thread count.
+        timeout: seconds before the worker is killed.
+        wait_policy: ``OMP_WAIT_POLICY`` for the worker, or None to leave the environment's.
+    """
+    if peer == "ours":
+        python, pythonpath = sys.executable, str(BENCH_DIR.parent)
+    else:
+        ensure_venv(peer)
+        python, pythonpath = str(venv_python(peer)), None
+    cmd = [python, str(WORKER_DIR / f"{peer}_worker.py")]
+    env = worker_env(int(request.get("threads", 2)), wait_policy, pythonpath)
+    try:
+        proc = subprocess.run(cmd, input=json.dumps(request), capture_output=True, text=True, timeout=timeout,
+                              env=env, cwd=str(BENCH_DIR))
+    except subprocess.TimeoutExpired as exc:
+        raise PeerError(f"{peer} worker exceeded {timeout:.0f} s on task {request.get('task')!r}") from exc
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise PeerError(f"{peer} worker exited with {proc.returncode} on task {request.get('task')!r}:\n{tail}")
+    return parse_worker_output(proc.stdout)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the peer venvs (cached under benchmarks/.venvs).")
+    parser.add_argument("peers", nargs="*", default=list(PEERS))
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args()
+    for name in args.peers:
+        print(json.dumps(ensure_venv(name, force=args.force), indent=2))

@@ -1,0 +1,218 @@
+"""Markdown tables and matplotlib figures for a benchmark run.
+
+A record is ``{"label": str, "framework": str, "result": dict}`` (a worker's JSON) or
+``{"label", "framework", "error": str}``. Tables show throughput and, where the reference model ran on the
+same structure and dtype, the ratio to it (> 1 means faster than the reference).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import socket
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    """Host name, CPU model, core count, memory and current load average."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError):
+        mem_gb = float("nan")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "memory_GB": round(mem_gb, 1),
+            "platform": platform.platform(), "load_avg_1_5_15": [round(x, 2) for x in load]}
+
+
+def fmt(value) -> str:
+    """Numbers with 3 significant digits (no exponent below 1e6); other values as str."""
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value == 0 or 1e-3 <= abs(value) < 1e6:
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+        return f"{value:.2e}"
+    return str(value)
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _errors(records: list[dict]) -> str:
+    bad = [r for r in records if "error" in r]
+    if not bad:
+        return ""
+    items = "\n".join(f"- {r['label']} ({r['framework']}): {r['error'].splitlines()[0][:300]}" for r in bad)
+    return "\n\nNot measured:\n" + items
+
+
+def _rows(records: list[dict]):
+    for rec in records:
+        if "result" in rec:
+            for entry in rec["result"]["results"]:
+                yield rec, entry
+
+
+def infer_table(records: list[dict], reference: str = "mace-64") -> str:
+    """Energy + forces + stress per step, model alone and with graph building."""
+    ref = {(e["structure"], r["result"]["dtype"]): e["atom_steps_per_s"]
+           for r, e in _rows(records) if r["label"] == reference}
+    headers = ["model", "framework", "params", "dtype", "structure", "atoms", "edges", "model ms", "min ms", "steps/s",
+               "atom-steps/s", "graph ms", "steps/s incl. graph", "atom-steps/s incl. graph", f"× {reference}"]
+    rows = []
+    for rec, e in _rows(records):
+        res = rec["result"]
+        r = ref.get((e["structure"], res["dtype"]))
+        rows.append([rec["label"], rec["framework"], res["model"].get("n_params"), res["dtype"], e["structure"],
+                     e["n_atoms"], e["n_edges"], e["model_ms"], e.get("model_ms_min"), e["steps_per_s"],
+                     e["atom_steps_per_s"], e["graph_ms"], e["steps_per_s_with_graph"],
+                     e["atom_steps_per_s_with_graph"], e["atom_steps_per_s"] / r if r else None])
+    return markdown_table(headers, rows) + _errors(records)
+
+
+def train_table(records: list[dict], reference: str = "mace-64") -> str:
+    """One optimiser step (forces in the loss) per batch; graphs prebuilt."""
+    ref = {(e["structure"], r["result"]["dtype"]): e["structures_per_s"]
+           for r, e in _rows(records) if r["label"] == reference}
+    headers = ["model", "framework", "params", "dtype", "batch", "batch size", "atoms/batch", "step ms",
+               "structures/s", "atoms/s", f"× {reference}"]
+    rows = []
+    for rec, e in _rows(records):
+        res = rec["result"]
+        r = ref.get((e["structure"], res["dtype"]))
+        rows.append([rec["label"], rec["framework"], res["model"].get("n_params"), res["dtype"], e["structure"],
+                     e["batch_size"], e["atoms_per_batch"], e["step_ms"], e["structures_per_s"], e["atoms_per_s"],
+                     e["structures_per_s"] / r if r else None])
+    return markdown_table(headers, rows) + _errors(records)
+
+
+def accuracy_table(records: list[dict]) -> str:
+    """Test errors after training for the same wall-clock budget."""
+    headers = ["model", "framework", "params", "dtype", "budget s", "steps", "epochs", "train/val/test",
+               "test E MAE meV", "test F MAE meV/Å"]
+    rows = []
+    for rec in records:
+        if "result" not in rec:
+            continue
+        r = rec["result"]
+        rows.append([rec["label"], rec["framework"], r["model"].get("n_params"), r["dtype"], r["budget_s"],
+                     r["steps"], r["epochs"], f"{r['n_train']}/{r['n_val']}/{r['n_test']}",
+                     r["test_e_mae_meV"], r["test_f_mae_meV_A"]])
+    return markdown_table(headers, rows) + _errors(records)
+
+
+def neighbors_table(rows: list[dict]) -> str:
+    """Milliseconds per full neighbour list, one column per builder."""
+    if not rows:
+        return "(no rows)"
+    names = [k[:-3] for k in rows[0] if k.endswith("_ms")]
+    headers = ["atoms", "edges", *[f"{n} ms" for n in names], *[f"{n} time / ours time" for n in names if n != "ours"]]
+    body = [[r["n_atoms"], r["n_edges"], *[r[f"{n}_ms"] for n in names],
+             *[r[f"{n}_ms"] / r["ours_ms"] for n in names if n != "ours"]] for r in rows]
+    return markdown_table(headers, body)
+
+
+def plot_throughput(records: list[dict], path: Path, key: str = "atom_steps_per_s") -> Path:
+    """Grouped bars: one group per (structure, dtype), one bar per model; log scale."""
+    groups = sorted({(e["structure"], r["result"]["dtype"]) for r, e in _rows(records)})
+    labels = list(dict.fromkeys(r["label"] for r, _ in _rows(records)))
+    values = {(r["label"], e["structure"], r["result"]["dtype"]): e[key] for r, e in _rows(records)}
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(labels)) / 2), 4))
+    width = 0.8 / max(1, len(labels))
+    for k, label in enumerate(labels):
+        xs = [g + (k - (len(labels) - 1) / 2) * width for g in range(len(groups))]
+        ys = [values.get((label, s, d), 0.0) for s, d in groups]
+        ax.bar(xs, ys, width, label=label)
+    ax.set_xticks(range(len(groups)), [f"{s}\n{d}" for s, d in groups])
+    ax.set_yscale("log")
+    ax.set_ylabel(key.replace("_", " ").replace("per s", "/ s"))
+    ax.set_title("Inference throughput (E+F+S), higher is better")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _loglog(path: Path, lines: list[tuple[str, list, list]], xlabel: str, ylabel: str, title: str = "") -> Path:
+    """One log-log figure with a marked line per (label, xs, ys)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, xs, ys in lines:
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(records: list[dict], path: Path, key: str = "test_f_mae_meV_A") -> Path:
+    """Force MAE against training seconds, one line per model; log-log."""
+    lines = [(rec["label"], [c["elapsed_s"] for c in rec["result"]["curve"]], [c[key] for c in rec["result"]["curve"]])
+             for rec in records if "result" in rec]
+    return _loglog(path, lines, "training time, s (optimiser steps only)", "test force MAE, meV/Å",
+                   "MD17 ethanol: accuracy at equal time")
+
+
+def plot_neighbors(rows: list[dict], path: Path) -> Path:
+    """Neighbour-list milliseconds against atoms, log-log."""
+    names = [k[:-3] for k in rows[0] if k.endswith("_ms")]
+    lines = [(name, [r["n_atoms"] for r in rows], [r[f"{name}_ms"] for r in rows]) for name in names]
+    return _loglog(path, lines, "atoms (Cu fcc, cutoff 5 Å)", "ms per neighbour list")
+
+
+def report_stem(date: _dt.datetime | None = None, host: str | None = None) -> str:
+    """``<YYYY-MM-DD>-<machine>``."""
+    date = date or _dt.datetime.now()
+    host = (host or socket.gethostname()).replace(" ", "_").replace("/", "_")
+    return f"{date:%Y-%m-%d}-{host}"
+
+
+def write_markdown(path: Path, header: dict, sections: list[tuple[str, str]]) -> Path:
+    """The report: a header of run facts (versions, threads, command, date, machine), then the sections."""
+    lines = ["# Benchmark results", ""]
+    for key, value in header.items():
+        if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+            lines.append(f"- **{key}**:")
+            lines += [f"  - {k}: {v}" for k, v in value.items()]
+        else:
+            lines.append(f"- **{key}**: {value if not isinstance(value, dict) else _inline(value)}")
+    for title, body in sections:
+        lines += ["", f"## {title}", "", body]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _inline(d: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items())

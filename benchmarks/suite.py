@@ -1,0 +1,106 @@
+"""What a benchmark run measures: models at matched sizes, structures, dtypes, step counts.
+
+Three frameworks are measured by the same protocol (a fresh worker subprocess each, same threads and
+structures): ``mace`` and ``fairchem`` in their own venvs, ``ours`` in the main venv.
+
+To add one of this project's models, add an entry to ``OURS_MODELS``: a label and the ``_target_``
+import path with constructor keyword arguments (``cutoff`` and ``avg_num_neighbors`` are filled in).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+CUTOFF = 5.0
+
+#: mace.modules.ScaleShiftMACE; correlation 3, 2 interactions, 8 Bessel, polynomial cutoff 5, max_ell 3.
+MACE_MODELS: dict[str, dict] = {
+    "mace-64": {"channels": 64, "max_L": 1, "correlation": 3, "r_max": CUTOFF, "num_interactions": 2},
+    "mace-128": {"channels": 128, "max_L": 1, "correlation": 3, "r_max": CUTOFF, "num_interactions": 2},
+}
+
+#: fairchem eSCNMDBackbone, 2 layers as MACE's 2 interactions: MLP_EFS_Head (conservative forces and stress)
+#: or, for "direct", MLP_Energy_Head + Linear_Force_Head (forces from the network, no stress).
+FAIRCHEM_MODELS: dict[str, dict] = {
+    "escn-md-64-l2": {"sphere_channels": 64, "hidden_channels": 64, "edge_channels": 64, "num_distance_basis": 64,
+                      "lmax": 2, "mmax": 2, "num_layers": 2, "cutoff": CUTOFF, "forces": "conservative"},
+    "escn-md-128-l2": {"sphere_channels": 128, "hidden_channels": 128, "edge_channels": 128,
+                       "num_distance_basis": 128, "lmax": 2, "mmax": 2, "num_layers": 2, "cutoff": CUTOFF,
+                       "forces": "conservative"},
+    "escn-md-64-l2-direct": {"sphere_channels": 64, "hidden_channels": 64, "edge_channels": 64,
+                             "num_distance_basis": 64, "lmax": 2, "mmax": 2, "num_layers": 2, "cutoff": CUTOFF,
+                             "forces": "direct"},
+}
+
+#: This project's models (the hook): label → {"_target_": class path, **constructor kwargs}.
+OURS_MODELS: dict[str, dict] = {
+    "egnn-64": {"_target_": "potentials.models.egnn.EGNN", "cutoff": CUTOFF, "channels": 64, "num_layers": 3},
+}
+
+#: The models the ``--quick`` run measures (one per framework).
+QUICK_MODELS = ("mace-64", "escn-md-64-l2", "egnn-64")
+
+
+@dataclass
+class Settings:
+    """Everything a run depends on; written at the top of the report."""
+
+    quick: bool = False
+    threads: int = 2
+    dtypes: tuple[str, ...] = ("float32", "float64")
+    infer_structures: tuple[str, ...] = ("si64", "cu500", "ethanol", "oc20")
+    warmup: int = 5  # TorchScript's profiling executor (MACE/e3nn) optimises only after a few calls
+    steps: int = 10
+    train_warmup: int = 2
+    train_steps: int = 5
+    budget_s: float = 600.0
+    md17_split: tuple[int, int, int] = (950, 50, 1000)
+    frameworks: tuple[str, ...] = ("ours", "mace", "fairchem")
+    models: tuple[str, ...] = field(default_factory=tuple)
+    omp_wait_policy: str = "PASSIVE"
+
+    @classmethod
+    def make(cls, quick: bool, **overrides) -> Settings:
+        base = cls(quick=quick)
+        if quick:
+            base.dtypes = ("float32",)
+            base.infer_structures = ("si64", "cu500")
+            base.warmup, base.steps = 3, 5
+            base.train_warmup, base.train_steps = 1, 3
+            base.budget_s = 60.0
+            base.md17_split = (200, 20, 200)
+            base.models = QUICK_MODELS
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(base, key, value)
+        return base
+
+
+def all_models() -> dict[str, tuple[str, dict]]:
+    """Label → (framework, model config), over all frameworks."""
+    out = {}
+    for framework, table in (("mace", MACE_MODELS), ("fairchem", FAIRCHEM_MODELS), ("ours", OURS_MODELS)):
+        for label, cfg in table.items():
+            out[label] = (framework, cfg)
+    return out
+
+
+def selected_models(settings: Settings) -> dict[str, tuple[str, dict]]:
+    """The models of the run: the ``models`` filter (all if empty) within the ``frameworks`` filter."""
+    models = all_models()
+    unknown = [m for m in settings.models if m not in models]
+    if unknown:
+        raise ValueError(f"unknown model label(s) {unknown}; known: {sorted(models)}")
+    chosen = settings.models or tuple(models)
+    return {label: models[label] for label in chosen if models[label][0] in settings.frameworks}
+
+
+def ours_available(cfg: dict) -> str | None:
+    """None if the model class's module can be found, else the reason it cannot be measured."""
+    module = cfg["_target_"].rpartition(".")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    return None if found else f"module {module} not found"

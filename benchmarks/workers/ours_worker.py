@@ -1,0 +1,205 @@
+"""Worker for this project's own models: runs in the main venv with the project root on PYTHONPATH.
+
+Same protocol and tasks as the peer workers (infer, train_step, train_equal_time), so every framework is
+measured the same way: a fresh subprocess, the same thread settings, the same structures.
+
+Request ``model``: ``{"_target_": "potentials.models.egnn.EGNN", "cutoff": 5.0, **constructor kwargs}``;
+``avg_num_neighbors`` is measured on the structure (or the training set) unless given. The model is wrapped in
+``potentials.potential.Potential``; graphs come from ``potentials.graph.AtomicGraph.from_atoms``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import ase.io
+import numpy as np
+import torch
+from _common import (
+    dispatch,
+    loss_weights,
+    measure_infer,
+    read_frames,
+    result,
+    run,
+    setup_torch,
+    time_steps,
+    train_entry,
+    train_for_budget,
+    versions,
+)
+from torch_geometric.data import Batch
+
+from potentials.graph import AtomicGraph
+from potentials.potential import Potential
+
+VERSIONS = ("potentials", "torch", "torch-geometric", "e3nn", "ase", "numpy", "vesin")
+
+
+def model_config(request: dict) -> dict:
+    cfg = dict(request.get("model", {}))
+    if "_target_" not in cfg:
+        raise ValueError("request.model needs '_target_', the import path of the model class")
+    cfg.setdefault("cutoff", 5.0)
+    return cfg
+
+
+def build_potential(cfg: dict, avg_num_neighbors: float, atomic_energies: dict | None = None,
+                    scale: float = 1.0, shift: float = 0.0) -> Potential:
+    """Instantiate ``cfg['_target_']`` with the other keys and wrap it in a Potential."""
+    module_name, _, cls_name = cfg["_target_"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    kwargs = {k: v for k, v in cfg.items() if k != "_target_"}
+    kwargs.setdefault("avg_num_neighbors", float(avg_num_neighbors))
+    model = cls(**kwargs)
+    return Potential(model, cutoff=float(cfg["cutoff"]), atomic_energies=atomic_energies, scale=scale, shift=shift)
+
+
+def to_batch(frames: list[ase.Atoms], cutoff: float, dtype: torch.dtype) -> Batch:
+    return Batch.from_data_list([AtomicGraph.from_atoms(a, cutoff, dtype=dtype) for a in frames])
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def infer(request: dict) -> dict:
+    dtype = setup_torch(request)
+    cfg = model_config(request)
+    cutoff = float(cfg["cutoff"])
+    warmup, steps = int(request.get("warmup", 3)), int(request.get("steps", 10))
+    results, params = [], None
+    for entry in request["structures"]:
+        atoms = ase.io.read(entry["path"], index=0)
+        periodic = bool(atoms.pbc.all())
+        batch = to_batch([atoms], cutoff, dtype)
+        n_edges = int(batch.edge_index.shape[1])
+        pot = build_potential(cfg, n_edges / len(atoms)).to(dtype)
+        pot.eval()
+        params = n_params(pot)
+
+        def model_step(batch=batch, pot=pot, periodic=periodic):
+            return pot(batch, compute_forces=True, compute_stress=periodic)
+
+        def build_graph(atoms=atoms):
+            return to_batch([atoms], cutoff, dtype)
+
+        def full_step(pot=pot, periodic=periodic):
+            return pot(build_graph(), compute_forces=True, compute_stress=periodic)
+
+        results.append(measure_infer(entry.get("name", entry["path"]), len(atoms), n_edges, model_step, build_graph,
+                                     full_step, warmup, steps))
+    return result("ours", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results)
+
+
+def loss_fn(out: dict, batch: Batch, weights: tuple[float, float] = (1.0, 100.0)) -> torch.Tensor:
+    """Weighted per-atom energy MSE + force-component MSE (eV units), 1 : 100 as in the peers' training steps."""
+    n_atoms = torch.bincount(batch.batch, minlength=batch.num_graphs).to(out["energy"].dtype)
+    e_err = (out["energy"] - batch.energy.view(-1)) / n_atoms
+    return weights[0] * (e_err ** 2).mean() + weights[1] * ((out["forces"] - batch.forces) ** 2).mean()
+
+
+def train_step(request: dict) -> dict:
+    dtype = setup_torch(request)
+    cfg = model_config(request)
+    cutoff = float(cfg["cutoff"])
+    warmup, steps = int(request.get("warmup", 2)), int(request.get("steps", 5))
+    results, params = [], None
+    for entry in request["structures"]:
+        frames, bs = read_frames(entry)
+        batches = [to_batch(frames[k:k + bs], cutoff, dtype) for k in range(0, len(frames) - bs + 1, bs)]
+        n_atoms = sum(len(a) for a in frames)
+        n_edges = sum(int(b.edge_index.shape[1]) for b in batches)
+        pot = build_potential(cfg, n_edges / max(1, sum(int(b.num_nodes) for b in batches))).to(dtype)
+        pot.train()
+        params = n_params(pot)
+        opt = torch.optim.AdamW(pot.parameters(), lr=float(request.get("lr", 5e-3)), amsgrad=True)
+        counter = {"k": 0}
+
+        def step(batches=batches, pot=pot, opt=opt, counter=counter):
+            batch = batches[counter["k"] % len(batches)]
+            counter["k"] += 1
+            opt.zero_grad(set_to_none=True)
+            loss_fn(pot(batch, compute_forces=True, compute_stress=False), batch).backward()
+            opt.step()
+
+        results.append(train_entry(entry.get("name", entry["path"]), bs, n_atoms / len(frames) * bs,
+                                   time_steps(step, warmup, steps)))
+    return result("ours", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results)
+
+
+def _reference_energies(frames: list[ase.Atoms]) -> tuple[dict, float, float]:
+    """Least-squares E0 per element, mean residual energy per atom, RMS force (eV/Å)."""
+    zs = sorted({int(z) for a in frames for z in a.numbers})
+    counts = np.array([[np.count_nonzero(a.numbers == z) for z in zs] for a in frames], dtype=float)
+    energies = np.array([a.get_potential_energy() for a in frames])
+    e0 = np.linalg.lstsq(counts, energies, rcond=None)[0]
+    shift = float(np.mean((energies - counts @ e0) / counts.sum(1)))
+    rms = float(np.sqrt(np.mean(np.concatenate([a.get_forces().reshape(-1) for a in frames]) ** 2)))
+    return dict(zip(zs, e0.tolist(), strict=True)), shift, rms
+
+
+def evaluate(pot: Potential, batches: list[Batch]) -> dict:
+    e_err, f_err = [], []
+    for b in batches:
+        out = pot(b, compute_forces=True, compute_stress=False, create_graph=False)
+        e_err.append((out["energy"].detach() - b.energy.view(-1)).abs())
+        f_err.append((out["forces"].detach() - b.forces).abs().reshape(-1))
+    return {"e_mae_meV": 1e3 * float(torch.cat(e_err).mean()), "f_mae_meV_A": 1e3 * float(torch.cat(f_err).mean())}
+
+
+def train_equal_time(request: dict) -> dict:
+    """Same protocol as the MACE baseline: AdamW amsgrad, EMA 0.99, batch 5, loss 1:100 then stage two."""
+    dtype = setup_torch(request)
+    cfg = model_config(request)
+    cutoff, bs = float(cfg["cutoff"]), int(request.get("batch_size", 5))
+    train = ase.io.read(request["train"], index=":")
+    graphs = [AtomicGraph.from_atoms(a, cutoff, dtype=dtype) for a in train]
+    chunks = {s: ase.io.read(request[s], index=":") for s in ("val", "test")}
+    evals = {s: [to_batch(f[k:k + 50], cutoff, dtype) for k in range(0, len(f), 50)] for s, f in chunks.items()}
+    e0, shift, scale = _reference_energies(train)
+    avg_nb = sum(int(g.edge_index.shape[1]) for g in graphs) / sum(len(a) for a in train)
+    pot = build_potential(cfg, avg_nb, atomic_energies=e0, scale=scale, shift=shift).to(dtype)
+    opt = torch.optim.AdamW(pot.parameters(), lr=float(request.get("lr", 0.01)), weight_decay=5e-7, amsgrad=True)
+    ema = torch.optim.swa_utils.AveragedModel(
+        pot, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(float(request.get("ema_decay", 0.99))))
+    gen = torch.Generator().manual_seed(int(request.get("seed", 0)))
+
+    def epoch():
+        order = torch.randperm(len(graphs), generator=gen).tolist()
+        return (Batch.from_data_list([graphs[k] for k in order[i:i + bs]])
+                for i in range(0, len(order) - bs + 1, bs))
+
+    stage_two = bool(request.get("stage_two", True))
+
+    def step(batch, fraction):
+        weights = loss_weights(fraction, opt, stage_two)
+        opt.zero_grad(set_to_none=True)
+        loss_fn(pot(batch, compute_forces=True, compute_stress=False), batch, weights).backward()
+        opt.step()
+        ema.update_parameters(pot)
+
+    def metrics():
+        val, test = evaluate(ema.module, evals["val"]), evaluate(ema.module, evals["test"])
+        return {"val_f_mae_meV_A": val["f_mae_meV_A"], "val_e_mae_meV": val["e_mae_meV"],
+                "test_f_mae_meV_A": test["f_mae_meV_A"], "test_e_mae_meV": test["e_mae_meV"]}
+
+    pot.train()
+    warm = next(iter(epoch()))
+    loss_fn(pot(warm, compute_forces=True, compute_stress=False), warm).backward()
+    opt.zero_grad(set_to_none=True)
+    out = train_for_budget(epoch, step, metrics, float(request["budget_s"]), int(request.get("eval_points", 8)))
+    final = out["curve"][-1]
+    return {"peer": "ours", "versions": versions(VERSIONS), "model": {**cfg, "n_params": n_params(pot)},
+            "dtype": request.get("dtype", "float32"), "threads": torch.get_num_threads(),
+            "budget_s": float(request["budget_s"]), "batch_size": bs, **out,
+            "n_train": len(train), "n_val": len(chunks["val"]), "n_test": len(chunks["test"]),
+            "test_e_mae_meV": final["test_e_mae_meV"], "test_f_mae_meV_A": final["test_f_mae_meV_A"]}
+
+
+def main(request: dict) -> dict:
+    return dispatch(request, {"infer": infer, "train_step": train_step, "train_equal_time": train_equal_time})
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,187 @@
+"""The benchmark harness parts that work without peer venvs: worker protocol, tables, structures, timers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase import units
+
+from benchmarks import neighbors_bench, peers, report, structures, suite
+
+sys.path.insert(0, str(Path(peers.WORKER_DIR)))
+import _common  # noqa: E402  (worker helpers live beside the workers, outside any package)
+
+
+def test_parse_worker_output_takes_last_json_line_among_noise():
+    out = 'warning: {not json}\n{"a": 1}\nsome log line\n{"task": "infer", "results": []}\n'
+    assert peers.parse_worker_output(out) == {"task": "infer", "results": []}
+
+
+def test_parse_worker_output_reports_worker_error_and_missing_result():
+    with pytest.raises(peers.PeerError, match="boom"):
+        peers.parse_worker_output('{"error": "ValueError: boom"}')
+    with pytest.raises(peers.PeerError, match="no JSON result"):
+        peers.parse_worker_output("Traceback ...\nKeyError: 'x'\n")
+
+
+def test_read_request_accepts_argv_json_and_file(tmp_path):
+    req = {"task": "infer", "steps": 3}
+    assert _common.read_request(["w", json.dumps(req)]) == req
+    path = tmp_path / "req.json"
+    path.write_text(json.dumps(req))
+    assert _common.read_request(["w", str(path)]) == req
+    with pytest.raises(ValueError, match="task"):
+        _common.read_request(["w", '{"steps": 3}'])
+
+
+def test_venv_marker_decides_readiness(tmp_path, monkeypatch):
+    monkeypatch.setattr(peers, "VENV_ROOT", tmp_path)
+    assert not peers.is_ready("mace")
+    (tmp_path / "mace" / "bin").mkdir(parents=True)
+    (tmp_path / "mace" / "bin" / "python").write_text("")
+    marker = {"peer": "mace", "pins": peers.PEERS["mace"].pins}
+    (tmp_path / "mace" / peers.MARKER).write_text(json.dumps(marker))
+    assert peers.is_ready("mace")
+    (tmp_path / "mace" / peers.MARKER).write_text(json.dumps({**marker, "pins": ["torch==2.0.0"]}))
+    assert not peers.is_ready("mace")
+    with pytest.raises(peers.PeerError, match="unknown peer"):
+        peers.is_ready("nequip")
+
+
+def test_pins_put_torch_first_and_keep_it_fixed():
+    for spec in peers.PEERS.values():
+        assert spec.pins[0] == "torch==2.13.0"
+        assert all("==" in p for p in spec.pins if not p.startswith("ase"))
+
+
+def _infer_record(label, framework, structure, atom_steps, dtype="float32"):
+    entry = _common.infer_entry(structure, 64, 1792, [0.001], [64 / atom_steps], [0.002 + 64 / atom_steps], -1.0)
+    return {"label": label, "framework": framework,
+            "result": {"dtype": dtype, "model": {"n_params": 10}, "results": [entry]}}
+
+
+def test_infer_entry_rates_are_consistent():
+    e = _common.infer_entry("si64", 64, 1792, [0.01, 0.03, 0.02], [0.1, 0.3, 0.2], [0.4, 0.5, 0.6], -1.0)
+    assert e["model_ms"] == pytest.approx(200.0)
+    assert e["steps_per_s"] == pytest.approx(5.0)
+    assert e["atom_steps_per_s"] == pytest.approx(320.0)
+    assert e["steps_per_s_with_graph"] == pytest.approx(2.0)
+
+
+def test_infer_table_ratios_against_reference_and_lists_failures():
+    records = [_infer_record("mace-64", "mace", "si64", 100.0), _infer_record("egnn-64", "ours", "si64", 250.0),
+               {"label": "escn", "framework": "fairchem", "error": "fairchem worker exited with 1\nTraceback"}]
+    table = report.infer_table(records, reference="mace-64")
+    lines = [ln for ln in table.splitlines() if ln.startswith("| egnn-64")]
+    assert lines and lines[0].rstrip(" |").endswith("2.5")
+    assert "escn (fairchem): fairchem worker exited with 1" in table
+    assert "Traceback" not in table
+
+
+def test_markdown_report_has_run_facts(tmp_path):
+    path = report.write_markdown(tmp_path / "r.md", {"command": "python -m benchmarks run --quick", "threads": 2},
+                                 [("Inference", report.markdown_table(["a", "b"], [[1, 2.34567]]))])
+    text = path.read_text()
+    assert "python -m benchmarks run --quick" in text and "**threads**: 2" in text
+    assert "| 1 | 2.35 |" in text
+    assert report.report_stem(host="my host").endswith("-my_host")
+
+
+def test_plots_are_written(tmp_path):
+    records = [_infer_record("mace-64", "mace", "si64", 100.0), _infer_record("egnn-64", "ours", "si64", 250.0)]
+    assert report.plot_throughput(records, tmp_path / "t.png").stat().st_size > 1000
+    rows = [{"n_atoms": 2, "n_edges": 84, "ours_ms": 0.2, "ase_ms": 30.0},
+            {"n_atoms": 32, "n_edges": 1344, "ours_ms": 0.9, "ase_ms": 70.0}]
+    assert report.plot_neighbors(rows, tmp_path / "n.png").stat().st_size > 1000
+    assert "| 2 | 84 | 0.2 | 30 | 150 |" in report.neighbors_table(rows)
+
+
+def test_structures_are_deterministic_and_physical():
+    si, si_again = structures.si64(), structures.si64()
+    assert len(si) == 64 and np.array_equal(si.positions, si_again.positions)
+    d = si.get_all_distances(mic=True)
+    nearest = np.sort(d, axis=1)[:, 1]
+    assert np.allclose(nearest, 5.43 * np.sqrt(3) / 4, atol=0.06)  # diamond bond ≈ 2.35 Å, rattled by 0.01 Å
+    cu = structures.cu500()
+    assert len(cu) == 500 and cu.cell.lengths() == pytest.approx([18.05] * 3)
+    forces = cu.get_forces()
+    assert np.abs(forces.sum(axis=0)).max() < 1e-8 and np.abs(forces).max() > 1e-4  # EMT labels, rattled
+
+
+def test_shared_data_frames_are_converted_to_ev():
+    raw = np.load(structures.shared_data_dir() / "md17" / "md17_ethanol_first2000.npz")
+    eth = structures.ethanol()
+    assert eth.get_chemical_formula() == "C2H6O" and not eth.pbc.any()
+    assert eth.get_potential_energy() == pytest.approx(float(raw["E"][0, 0]) * units.kcal / units.mol)
+    assert eth.get_potential_energy() / float(raw["E"][0, 0]) == pytest.approx(0.0433641, rel=1e-5)
+    slab = structures.oc20_slab()
+    assert len(slab) == 17 and sum(len(c.get_indices()) for c in slab.constraints) == 10
+
+
+def test_missing_shared_data_gives_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("POTENTIALS_SHARED_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="POTENTIALS_SHARED_DATA"):
+        structures.ethanol()
+
+
+def test_md17_splits_are_disjoint(tmp_path):
+    paths = structures.write_md17_splits(tmp_path, n_train=20, n_val=5, n_test=10)
+    import ase.io
+
+    frames = {k: ase.io.read(p, ":") for k, p in paths.items()}
+    assert [len(frames[k]) for k in ("train", "val", "test")] == [20, 5, 10]
+    keys = {k: {a.positions.tobytes() for a in f} for k, f in frames.items()}
+    assert not (keys["train"] & keys["test"]) and not (keys["train"] & keys["val"])
+    assert frames["test"][0].get_forces().shape == (9, 3)
+
+
+def test_train_for_budget_stops_and_records_a_curve():
+    fractions = []
+    evals = iter(range(100))
+    out = _common.train_for_budget(lambda: range(3), lambda batch, f: fractions.append(f),
+                                   lambda: {"m": next(evals)}, 0.002, n_points=3)
+    assert out["steps"] == len(fractions) and out["train_s"] >= 0.002
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] < 1.0
+    elapsed = [c["elapsed_s"] for c in out["curve"]]
+    assert elapsed == sorted(elapsed) and out["curve"][-1]["steps"] == out["steps"]
+    with pytest.raises(ValueError, match="no batch"):
+        _common.train_for_budget(lambda: [], lambda batch, f: None, dict, 0.01)
+
+
+def test_stage_two_raises_energy_weight_and_lowers_lr():
+    import torch
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    assert _common.loss_weights(0.5, opt) == (1.0, 100.0) and opt.param_groups[0]["lr"] == 0.01
+    assert _common.loss_weights(0.8, opt) == (1000.0, 100.0) and opt.param_groups[0]["lr"] == 1e-3
+    assert _common.loss_weights(0.8, None, stage_two=False) == (1.0, 100.0)
+
+
+def test_neighbor_builders_agree_on_small_cells():
+    cells = neighbors_bench.cu_cells(4000)
+    assert len(cells[0]) == 2 and len(cells[-1]) == 4000
+    rows = neighbors_bench.run(max_atoms=32, min_time=0.0)
+    assert [r["n_atoms"] for r in rows] == [2, 4, 32]
+    assert rows[0]["n_edges"] == 2 * 42  # 42 neighbours within 5 Å in fcc Cu (12 + 6 + 24)
+
+
+def test_quick_settings_and_model_selection():
+    s = suite.Settings.make(True, threads=1)
+    assert s.dtypes == ("float32",) and s.threads == 1 and s.budget_s == 60.0
+    assert set(suite.selected_models(s)) == set(suite.QUICK_MODELS)
+    s = suite.Settings.make(False, frameworks=("mace",))
+    assert {fw for fw, _ in suite.selected_models(s).values()} == {"mace"}
+    with pytest.raises(ValueError, match="unknown model"):
+        suite.selected_models(suite.Settings.make(False, models=("nope",)))
+
+
+def test_read_frames_fills_missing_labels_and_checks_batch_size(tmp_path):
+    path = structures.write_structure("si64", tmp_path)
+    frames, batch_size = _common.read_frames({"path": str(path), "batch_size": 1})
+    assert batch_size == 1 and frames[0].get_forces().shape == (64, 3) and not frames[0].get_forces().any()
+    with pytest.raises(ValueError, match="fewer than batch_size 2"):
+        _common.read_frames({"path": str(path), "batch_size": 2})
