@@ -72,7 +72,8 @@ def run_accuracy(settings: suite.Settings, splits: dict[str, Path]) -> list[dict
         if framework == "fairchem":
             continue
         req = {**_common(settings, "train_equal_time", "float32", cfg), "budget_s": settings.budget_s,
-               **{k: str(v) for k, v in splits.items()}, "batch_size": 5, "eval_points": 8}
+               **{k: str(v) for k, v in splits.items()}, "batch_size": 5, "eval_points": 8,
+               **suite.TRAINING_OVERRIDES.get(label, {})}
         records.append(_record(framework, label, req, settings, timeout=settings.budget_s * 3 + 1800))
     return records
 

@@ -112,14 +112,14 @@ def train_table(records: list[dict], reference: str = "mace-64") -> str:
 
 def accuracy_table(records: list[dict]) -> str:
     """Test errors after training for the same wall-clock budget."""
-    headers = ["model", "framework", "params", "dtype", "budget s", "steps", "epochs", "train/val/test",
+    headers = ["model", "framework", "params", "dtype", "lr", "budget s", "steps", "epochs", "train/val/test",
                "test E MAE meV", "test F MAE meV/Å"]
     rows = []
     for rec in records:
         if "result" not in rec:
             continue
         r = rec["result"]
-        rows.append([rec["label"], rec["framework"], r["model"].get("n_params"), r["dtype"], r["budget_s"],
+        rows.append([rec["label"], rec["framework"], r["model"].get("n_params"), r["dtype"], r.get("lr"), r["budget_s"],
                      r["steps"], r["epochs"], f"{r['n_train']}/{r['n_val']}/{r['n_test']}",
                      r["test_e_mae_meV"], r["test_f_mae_meV_A"]])
     return markdown_table(headers, rows) + _errors(records)

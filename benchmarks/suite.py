@@ -33,9 +33,30 @@ FAIRCHEM_MODELS: dict[str, dict] = {
                              "forces": "direct"},
 }
 
+_EQV2 = {"_target_": "potentials.models.equiformer.EquiformerV2", "cutoff": CUTOFF, "num_layers": 2, "lmax": 2,
+         "mmax": 2, "channels": 64, "attn_hidden_channels": 64, "ffn_hidden_channels": 64, "edge_channels": 64,
+         "num_basis": 64}
+_FACET = {"_target_": "potentials.models.facet.Facet", "cutoff": CUTOFF, "lmax": 1, "num_layers": 2}
+
 #: This project's models (the hook): label → {"_target_": class path, **constructor kwargs}.
+#: Widths match the peers: EquiformerV2 as eSCN-MD 64 (lmax = mmax = 2, 2 layers); Facet as MACE 64/128 (L = 1,
+#: 2 interactions). The Facet ablations swap the spline radial for a Bessel + MLP radial and/or the grid layer
+#: for a gate.
 OURS_MODELS: dict[str, dict] = {
     "egnn-64": {"_target_": "potentials.models.egnn.EGNN", "cutoff": CUTOFF, "channels": 64, "num_layers": 3},
+    "eqv2-64-l2": _EQV2,
+    "eqv2-64-l2-gate": {**_EQV2, "use_gate_act": True, "use_grid_mlp": False},
+    "facet-64": {**_FACET, "channels": 64},
+    "facet-128": {**_FACET, "channels": 128},
+    "facet-64-mlp": {**_FACET, "channels": 64, "radial": "mlp"},
+    "facet-64-gate": {**_FACET, "channels": 64, "self_interaction": "gate"},
+    "facet-64-mlp-gate": {**_FACET, "channels": 64, "radial": "mlp", "self_interaction": "gate"},
+}
+
+#: Per-model changes to the equal-time training recipe (everything else is the shared recipe). EGNN has no
+#: normalisation layers and diverges at the shared learning rate of 0.01.
+TRAINING_OVERRIDES: dict[str, dict] = {
+    "egnn-64": {"lr": 2e-3},
 }
 
 #: The models the ``--quick`` run measures (one per framework).

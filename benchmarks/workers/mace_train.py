@@ -110,7 +110,8 @@ def train_equal_time(request: dict) -> dict:
     return {"peer": "mace", "versions": versions(VERSIONS),
             "model": {**cfg, "hidden_irreps": hidden_irreps(cfg), "n_params": n_params(model)},
             "dtype": request.get("dtype", "float32"), "threads": torch.get_num_threads(),
-            "budget_s": budget, "train_s": run["train_s"], "steps": run["steps"], "epochs": run["epochs"],
+            "budget_s": budget, "lr": float(request.get("lr", 0.01)), "train_s": run["train_s"], "steps": run["steps"],
+            "epochs": run["epochs"],
             "batch_size": bs,
             "n_train": len(train_graphs), "n_val": len(val_graphs), "n_test": len(test_graphs),
             "setup": {"loss": "1*E/atom MSE + 100*F MSE (eV); last 25%: 1000*E, lr 1e-3" if stage_two

@@ -192,7 +192,7 @@ def train_equal_time(request: dict) -> dict:
     final = out["curve"][-1]
     return {"peer": "ours", "versions": versions(VERSIONS), "model": {**cfg, "n_params": n_params(pot)},
             "dtype": request.get("dtype", "float32"), "threads": torch.get_num_threads(),
-            "budget_s": float(request["budget_s"]), "batch_size": bs, **out,
+            "budget_s": float(request["budget_s"]), "batch_size": bs, "lr": float(request.get("lr", 0.01)), **out,
             "n_train": len(train), "n_val": len(chunks["val"]), "n_test": len(chunks["test"]),
             "test_e_mae_meV": final["test_e_mae_meV"], "test_f_mae_meV_A": final["test_f_mae_meV_A"]}
 
