@@ -19,7 +19,7 @@ from __future__ import annotations
 import ase.io
 import numpy as np
 import torch
-from _common import loss_weights, setup_torch, train_for_budget, versions
+from _common import CLIP_GRAD_NORM, loss_weights, setup_torch, train_for_budget, versions
 from mace import data as mace_data
 from mace import modules
 from mace.tools import torch_geometric
@@ -88,6 +88,7 @@ def train_equal_time(request: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(_Ref(batch_dict), model(batch_dict, training=True, compute_force=True))
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD_NORM)
         opt.step()
         ema.update()
 

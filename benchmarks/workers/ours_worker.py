@@ -16,6 +16,7 @@ import ase.io
 import numpy as np
 import torch
 from _common import (
+    CLIP_GRAD_NORM,
     dispatch,
     loss_weights,
     measure_infer,
@@ -176,6 +177,7 @@ def train_equal_time(request: dict) -> dict:
         weights = loss_weights(fraction, opt, stage_two)
         opt.zero_grad(set_to_none=True)
         loss_fn(pot(batch, compute_forces=True, compute_stress=False), batch, weights).backward()
+        torch.nn.utils.clip_grad_norm_(pot.parameters(), CLIP_GRAD_NORM)
         opt.step()
         ema.update_parameters(pot)
 
