@@ -7,18 +7,34 @@ Labels end up on a :class:`~ase.calculators.singlepoint.SinglePointCalculator` i
 
 from __future__ import annotations
 
+import csv
+import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase.data import atomic_numbers, chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
+
+log = logging.getLogger(__name__)
 
 #: Thomas–Fermi total energy of a neutral atom is −0.7687·Z^(7/3) Hartree; it bounds the all-electron
 #: energy magnitude from above (the real energy is higher), so a total energy far beyond it cannot be in eV.
 _THOMAS_FERMI_HARTREE = 0.7687
 #: Headroom over the bound, for relativistic all-electron energies of heavy elements.
 _BOUND_SAFETY = 1.5
+
+
+class InvalidRecordError(ValueError):
+    """A record of an input file is malformed; ``source``, ``record`` and ``field`` say where (None: unknown)."""
+
+    def __init__(self, message: str, *, source: str, record: int | str | None = None,
+                 field: str | None = None) -> None:
+        super().__init__(message)
+        self.source, self.record, self.field = source, record, field
 
 
 def where(source: str, record: int | str | None = None, field: str | None = None) -> str:
@@ -40,11 +56,12 @@ def check_shape(
     ok = ok and all(e is None or e == s for e, s in zip(expected, shape, strict=True))
     if not ok:
         want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
-        raise ValueError(f"{where(source, record, field)}: shape {shape}, expected {want}")
+        raise InvalidRecordError(f"{where(source, record, field)}: shape {shape}, expected {want}",
+                                 source=source, record=record, field=field)
 
 
 def check_finite(
-    values: np.ndarray, *, source: str, field: str, frame_ids: Sequence[int] | None = None
+    values: np.ndarray, *, source: str, field: str, frame_ids: Sequence[int | str] | None = None
 ) -> None:
     """Raise ``ValueError`` naming the first frame whose values contain NaN or inf.
 
@@ -61,22 +78,25 @@ def check_finite(
     bad_rows = ~np.isfinite(rows).all(axis=1)
     if bad_rows.any():
         row = int(np.argmax(bad_rows))
-        frame = row if frame_ids is None else int(frame_ids[row])
+        frame = row if frame_ids is None else frame_ids[row]
+        frame = int(frame) if isinstance(frame, (int, np.integer)) else frame  # ids may be strings
         bad = rows[row][~np.isfinite(rows[row])][0]
-        raise ValueError(
-            f"{where(source, frame, field)}: value is not finite ({bad}); remove or repair that frame"
+        raise InvalidRecordError(
+            f"{where(source, frame, field)}: value is not finite ({bad}); remove or repair that frame",
+            source=source, record=frame, field=field,
         )
 
 
-def as_voigt_stress(stress: np.ndarray, *, source: str, record: int, field: str = "stress") -> np.ndarray:
+def as_voigt_stress(stress: np.ndarray, *, source: str, record: int | str, field: str = "stress") -> np.ndarray:
     """Return stress as the 6-component Voigt vector (xx, yy, zz, yz, xz, xy); accepts 6, 9 or 3×3 values."""
     stress = np.asarray(stress, dtype=float)
     if stress.shape == (6,):
         return stress
     if stress.shape in ((9,), (3, 3)):
         return full_3x3_to_voigt_6_stress(stress.reshape(3, 3))
-    raise ValueError(
-        f"{where(source, record, field)}: stress has shape {stress.shape}, expected 6 Voigt values or 3x3"
+    raise InvalidRecordError(
+        f"{where(source, record, field)}: stress has shape {stress.shape}, expected 6 Voigt values or 3x3",
+        source=source, record=record, field=field,
     )
 
 
@@ -84,7 +104,7 @@ def attach_labels(
     atoms: Atoms,
     *,
     source: str,
-    record: int,
+    record: int | str,
     energy: float | None = None,
     forces: np.ndarray | None = None,
     stress: np.ndarray | None = None,
@@ -94,7 +114,7 @@ def attach_labels(
     Args:
         atoms: the structure; its previous calculator, if any, is replaced.
         source: file name, for error messages.
-        record: frame index in the file, for error messages.
+        record: frame index in the file (or the record's id), for error messages.
         energy: total energy, eV, or None when the frame has no energy label.
         forces: [N, 3] eV/Å, or None.
         stress: 6 Voigt values or 3×3, eV/Å³ with ASE's sign, or None.
@@ -106,7 +126,8 @@ def attach_labels(
     if energy is not None:
         value = np.asarray(energy, dtype=float)
         if value.size != 1:
-            raise ValueError(f"{where(source, record, 'energy')}: expected one number, got {value.shape}")
+            raise InvalidRecordError(f"{where(source, record, 'energy')}: expected one number, got {value.shape}",
+                                     source=source, record=record, field="energy")
         results["energy"] = float(value.reshape(()))
     if forces is not None:
         forces = np.array(forces, dtype=float)
@@ -128,3 +149,130 @@ def max_plausible_energy(numbers: Sequence[int] | np.ndarray) -> float:
     """
     z = np.asarray(numbers, dtype=float)
     return float(_BOUND_SAFETY * _THOMAS_FERMI_HARTREE * units.Hartree * np.sum(z ** (7.0 / 3.0)))
+
+
+#: Smallest cell volume (Å³) accepted for a periodic structure; below it the cell is degenerate.
+MIN_CELL_VOLUME = 1e-6
+
+
+def check_cell(cell: np.ndarray, pbc: Sequence[bool] | np.ndarray, *, source: str, record: int | str,
+               field: str = "cell") -> np.ndarray:
+    """Return ``cell`` as a finite [3, 3] float array (Å); periodic cells must enclose a volume.
+
+    Raises:
+        InvalidRecordError: wrong shape, non-finite entries, |det| < :data:`MIN_CELL_VOLUME` Å³ for a fully
+            periodic cell, or dependent vectors along the periodic directions of a partly periodic one (a
+            degenerate cell makes neighbour lists and stress meaningless).
+    """
+    try:
+        cell = np.asarray(cell, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRecordError(f"{where(source, record, field)}: not a 3x3 array of numbers ({exc})",
+                                 source=source, record=record, field=field) from None
+    check_shape(cell, (3, 3), source=source, field=field, record=record)
+    check_finite(cell.reshape(1, 9), source=source, field=field, frame_ids=[record])
+    pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,))
+    volume = abs(float(np.linalg.det(cell)))
+    if pbc.all() and volume < MIN_CELL_VOLUME:
+        raise InvalidRecordError(
+            f"{where(source, record, field)}: periodic cell has zero volume ({volume:.3g} Å³); "
+            "its lattice vectors are linearly dependent", source=source, record=record, field=field)
+    if pbc.any() and np.linalg.matrix_rank(cell[pbc], tol=1e-6) < pbc.sum():
+        raise InvalidRecordError(
+            f"{where(source, record, field)}: the lattice vectors of the periodic directions {pbc.tolist()} are "
+            "zero or linearly dependent", source=source, record=record, field=field)
+    return cell
+
+
+def atomic_numbers_of(symbols: Sequence[str | int], *, source: str, record: int | str,
+                      field: str = "species") -> np.ndarray:
+    """Atomic numbers [N] (int64) of element symbols or numbers; anything that is not an element 1–118 raises.
+
+    Raises:
+        InvalidRecordError: naming the first unknown symbol (dummy ``X`` and Z = 0 are not elements).
+    """
+    numbers = np.empty(len(symbols), dtype=np.int64)
+    for i, symbol in enumerate(symbols):
+        if isinstance(symbol, (int, np.integer)) and not isinstance(symbol, bool):
+            z = int(symbol)
+        elif isinstance(symbol, float) and symbol.is_integer():
+            z = int(symbol)
+        else:
+            z = atomic_numbers.get(str(symbol), 0)
+        if not 1 <= z < len(chemical_symbols):
+            raise InvalidRecordError(
+                f"{where(source, record, field)}: atom {i} is {symbol!r}, not a chemical element",
+                source=source, record=record, field=field)
+        numbers[i] = z
+    return numbers
+
+
+class SkipReport:
+    """Counts, logs and lists the records of one input that were skipped as invalid (``skip_invalid=True``).
+
+    Use as a context manager around a read; :meth:`handle` either re-raises the error (``skip_invalid=False``)
+    or records it. The report is a tab-separated file with the columns ``source``, ``record``, ``field`` and
+    ``error``, written as records are skipped and closed with a ``# skipped K of N records`` line (also when
+    K is 0, so an old report never stands for a new read). Nothing is dropped silently: every skip is logged.
+
+    Args:
+        source: name of the input (file or folder), for the log.
+        skip_invalid: skip invalid records instead of raising.
+        report: path of the report file; None writes ``skipped_<source>.tsv`` in the working directory.
+    """
+
+    def __init__(self, source: str, *, skip_invalid: bool = False, report: str | os.PathLike | None = None
+                 ) -> None:
+        self.source = source
+        self.skip_invalid = bool(skip_invalid)
+        self.path = Path(report) if report is not None else Path.cwd() / f"skipped_{Path(source).name}.tsv"
+        self.skipped: list[tuple[str, str, str, str]] = []
+        self.n_records = 0
+        self._file = None
+        self._writer = None
+        self._closed = False
+
+    def __enter__(self) -> SkipReport:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def ok(self) -> None:
+        """Count one record that was read without error."""
+        self.n_records += 1
+
+    def handle(self, error: ValueError, source: str | None = None, record: int | str | None = None) -> None:
+        """Re-raise ``error`` unless skipping is on; otherwise count it, log it and add it to the report."""
+        if not self.skip_invalid:
+            raise error
+        self.n_records += 1
+        src = getattr(error, "source", None) or source or self.source
+        rec = getattr(error, "record", None)
+        rec = record if rec is None else rec
+        row = (str(src), "" if rec is None else str(rec), str(getattr(error, "field", None) or ""),
+               " ".join(str(error).split()))
+        self.skipped.append(row)
+        self._open()
+        self._writer.writerow(row)
+        self._file.flush()
+        log.warning("skipping invalid record: %s", row[3])
+
+    def _open(self) -> None:
+        if self._file is None and not self._closed:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "w", newline="")  # noqa: SIM115 - closed in close()
+            self._writer = csv.writer(self._file, delimiter="\t", lineterminator="\n")
+            self._writer.writerow(("source", "record", "field", "error"))
+
+    def close(self) -> None:
+        """Finish the report (also when nothing was skipped) and log the count; idempotent."""
+        if not self.skip_invalid or self._closed:
+            return
+        self._open()
+        self._file.write(f"# skipped {len(self.skipped)} of {self.n_records} records\n")
+        self._file.close()
+        self._file, self._closed = None, True
+        if self.skipped:
+            log.warning("%s: skipped %d of %d records as invalid; they are listed in %s",
+                        self.source, len(self.skipped), self.n_records, self.path)
