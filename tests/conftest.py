@@ -28,3 +28,20 @@ def shared_data() -> Path:
             pytrace=False,
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def cu_model(tmp_path_factory) -> Path:
+    """A tiny EGNN fitted to EMT Cu in a few seconds, exported as training does (see tests/tiny_model.py)."""
+    from tests.tiny_model import cu_model
+
+    return cu_model(tmp_path_factory.mktemp("cu_model"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run torch on one thread during the test (tiny models; two test workers share two cores)."""
+    from tests.tiny_model import single_thread
+
+    with single_thread():
+        yield

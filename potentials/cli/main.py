@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from potentials import __version__
-from potentials.cli import relax
+from potentials.cli import evaluate, md, relax
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"potentials {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     relax.add_parser(sub)
+    evaluate.add_parser(sub)
+    md.add_parser(sub)
     return parser
 
 

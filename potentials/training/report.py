@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         lines.append(f"exported model: {summary['model']}")
     if summary.get("metrics"):
         lines.append(f"metrics       : {summary['metrics']}")
+    if summary.get("figures"):
+        lines.append(f"figures       : {os.path.dirname(summary['figures']['metrics'])}/ (test split)")
     if summary.get("best_checkpoint"):
         lines.append(f"checkpoint    : {summary['best_checkpoint']}")
     lines.append(f"parameters    : {summary['num_parameters']:,}")

@@ -94,6 +94,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
         summary["test"] = {k: float(v) for k, v in results[0].items()}
         summary["test"]["force_rms_meV_per_A"] = _force_rms(dm.splits["test"]) * 1e3
+        if cfg.get("figures", True) and trainer.is_global_zero:  # parity plots etc. → <run dir>/figures, loggers
+            from potentials.evaluate import report_split
+
+            summary["figures"] = report_split(module.eval_potential, dm.splits["test"], run_dir / "figures",
+                                              loggers=trainer.loggers, step=trainer.global_step,
+                                              free_atoms_only=module.loss_fn.free_atoms_only)
     elif best:
         module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
     if cfg.export and trainer.is_global_zero:

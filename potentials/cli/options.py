@@ -1,0 +1,17 @@
+"""Command-line options shared by the tools that run a trained model (relax, evaluate, md)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    """The positional MODEL: a file written by training."""
+    p.add_argument("model", help="model file written by training (<run dir>/model.pt)")
+
+
+def add_runtime_options(p: argparse.ArgumentParser, dtype: str, why: str) -> None:
+    """``--device``, ``--dtype`` (default ``dtype``, for the reason ``why``) and ``--no-progress``."""
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--dtype", default=dtype, choices=["float32", "float64"], help=f"precision (default {dtype}: {why})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")

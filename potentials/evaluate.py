@@ -1,0 +1,290 @@
+"""Evaluate a trained potential on labelled structures: batched predictions, error metrics and figures.
+
+Used by ``potentials evaluate`` and, at the end of training, for the test split (:func:`report_split`).
+Metric names and units follow the training metrics (:mod:`potentials.training.metrics`): energy errors per
+atom in meV/atom, force errors per Cartesian component in meV/Å, the force cosine per atom, stress errors per
+tensor component in GPa; per-element force errors group atoms by element.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.data import chemical_symbols
+from ase.units import GPa
+
+from potentials import keys
+from potentials.graph import AtomicGraph
+from potentials.potential import Potential
+
+UNITS = {"energy_mae": "meV/atom", "energy_rmse": "meV/atom", "force_mae": "meV/Å", "force_rmse": "meV/Å",
+         "force_cos": "", "stress_mae": "GPa", "stress_rmse": "GPa"}
+_FLOAT_FIELDS = (keys.POS, keys.CELL, keys.CELL_OFFSETS, keys.ENERGY, keys.FORCES, keys.STRESS)
+
+
+@dataclass
+class Predictions:
+    """Reference labels and predictions of a set of structures, as float64 numpy arrays (NaN: no label).
+
+    Per structure (B): ``num_atoms`` [B]; ``energy_ref``, ``energy_pred`` [B] eV; ``stress_ref``, ``stress_pred``
+    [B, 3, 3] eV/Å³ (ASE sign); ``has_energy``, ``has_forces``, ``has_stress`` [B] bool.
+    Per atom (N = Σ num_atoms): ``z`` [N]; ``structure`` [N] (index of its structure); ``fixed`` [N] bool;
+    ``forces_ref``, ``forces_pred`` [N, 3] eV/Å.
+    """
+
+    num_atoms: np.ndarray
+    energy_ref: np.ndarray
+    energy_pred: np.ndarray
+    stress_ref: np.ndarray
+    stress_pred: np.ndarray
+    has_energy: np.ndarray
+    has_forces: np.ndarray
+    has_stress: np.ndarray
+    z: np.ndarray
+    structure: np.ndarray
+    fixed: np.ndarray
+    forces_ref: np.ndarray
+    forces_pred: np.ndarray
+
+    def force_mask(self, free_atoms_only: bool = False) -> np.ndarray:
+        """[N] bool: atoms whose force label counts (of structures with forces; without fixed atoms if asked)."""
+        mask = self.has_forces[self.structure]
+        return mask & ~self.fixed if free_atoms_only else mask
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write every array to a compressed ``.npz``."""
+        np.savez_compressed(path, **asdict(self))
+        return Path(path)
+
+
+def read_labelled(path: str | os.PathLike, *, index: str = ":", energy_unit: str = "eV", energy_key: str | None = None,
+                  forces_key: str | None = None, stress_key: str | None = None, format: str | None = None
+                  ) -> list[Atoms]:
+    """Labelled structures from an MD17/rMD17 ``.npz`` or any file ``ase.io.read`` understands (extxyz, traj, db).
+
+    Args:
+        path: the data file; ``.npz`` goes to :func:`potentials.datasets.md17.read`, anything else to
+            :func:`potentials.datasets.ase_files.read` with the remaining arguments.
+        index: frames to use, as in ``ase.io.read`` (``":"``, ``"::10"``, ``"-100:"``).
+    """
+    from ase.io.formats import string2index
+
+    from potentials.datasets import ase_files, md17
+
+    path = Path(path)
+    if path.suffix.lower() == ".npz":
+        frames = md17.read(path)
+        selector = string2index(index)
+        return frames[selector] if isinstance(selector, slice) else [frames[selector]]
+    return ase_files.read(path, index=index, energy_unit=energy_unit, energy_key=energy_key, forces_key=forces_key,
+                          stress_key=stress_key, format=format)
+
+
+def to_graphs(frames: Sequence[Atoms], potential: Potential, dtype: torch.dtype) -> list[AtomicGraph]:
+    """Graphs at the potential's cutoff; raises ``ValueError`` naming the first frame with an unknown element."""
+    known = set(potential.elements)
+    graphs = []
+    for k, atoms in enumerate(frames):
+        where = f"{atoms.info.get('source', 'structure')} frame {atoms.info.get('frame', k)}"
+        unknown = sorted(set(atoms.numbers.tolist()) - known) if known else []
+        if unknown:
+            names = ", ".join(chemical_symbols[u] for u in unknown)
+            trained = ", ".join(chemical_symbols[u] for u in sorted(known))
+            raise ValueError(f"{where}: contains elements the model never saw: {names} (trained on: {trained})")
+        graph = AtomicGraph.from_atoms(atoms, potential.cutoff, dtype=dtype)
+        graph.validate(where)
+        graphs.append(graph)
+    return graphs
+
+
+def predict(potential: Potential, graphs: Iterable[AtomicGraph], *, batch_size: int = 16,
+            progress: bool = False) -> Predictions:
+    """Energies, forces and (where labelled) stress of ``graphs`` in batches, on the potential's device and dtype.
+
+    Args:
+        potential: the model, evaluated as it is (call ``.eval()`` first for inference).
+        graphs: :class:`AtomicGraph` objects with labels (missing labels are NaN and masked).
+        batch_size: structures per forward pass.
+        progress: show a tqdm progress bar over structures.
+    """
+    from torch_geometric.loader import DataLoader
+    from tqdm import tqdm
+
+    graphs = list(graphs)
+    ref = potential.scale
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in Predictions.__dataclass_fields__}
+    bar = tqdm(total=len(graphs), unit="structure", desc="evaluating", disable=not progress)
+    for batch in DataLoader(graphs, batch_size=batch_size, shuffle=False):
+        batch = batch.to(ref.device)
+        for name in _FLOAT_FIELDS:
+            batch[name] = batch[name].to(ref.dtype)
+        stress = bool(batch.has_stress.any())
+        out = potential(batch, compute_forces=True, compute_stress=stress, create_graph=False)
+        n = batch.num_graphs
+        nan33 = torch.full((n, 3, 3), float("nan"), dtype=torch.float64)
+        offset = sum(len(a) for a in parts["num_atoms"])
+        values = {
+            "num_atoms": batch.num_atoms, "energy_ref": batch.energy, "energy_pred": out[keys.ENERGY],
+            "stress_ref": batch.stress.reshape(n, 3, 3), "stress_pred": out[keys.STRESS] if stress else nan33,
+            "has_energy": batch.has_energy, "has_forces": batch.has_forces, "has_stress": batch.has_stress,
+            "z": batch.z, "structure": batch.batch + offset, "fixed": batch.fixed, "forces_ref": batch.forces,
+            "forces_pred": out[keys.FORCES],
+        }
+        for name, value in values.items():
+            value = value.detach().cpu()
+            parts[name].append((value.double() if value.is_floating_point() else value).numpy())
+        bar.update(n)
+    bar.close()
+    if not parts["num_atoms"]:
+        raise ValueError("no structures to evaluate")
+    return Predictions(**{name: np.concatenate(chunks) for name, chunks in parts.items()})
+
+
+def compute_metrics(pred: Predictions, free_atoms_only: bool = False) -> dict[str, Any]:
+    """Error metrics in reporting units (see :data:`UNITS`); a metric without labels is left out.
+
+    Returns:
+        ``n_structures``, ``n_atoms``, the counts each metric is taken over (``n_energy`` structures,
+        ``n_force_atoms`` atoms, ``n_stress`` structures), ``energy_mae``/``energy_rmse`` (meV/atom),
+        ``force_mae``/``force_rmse`` (meV/Å, over components), ``force_cos`` (mean over atoms),
+        ``stress_mae``/``stress_rmse`` (GPa, over the 9 components), ``per_element``
+        (symbol → ``n_atoms``, ``force_mae``, ``force_rmse``), ``free_atoms_only`` and ``units``.
+    """
+    m: dict[str, Any] = {"n_structures": int(len(pred.num_atoms)), "n_atoms": int(pred.num_atoms.sum())}
+    e = pred.has_energy
+    m["n_energy"] = int(e.sum())
+    if e.any():
+        err = (pred.energy_pred[e] - pred.energy_ref[e]) / pred.num_atoms[e]
+        m["energy_mae"], m["energy_rmse"] = _mae(err) * 1e3, _rmse(err) * 1e3
+    f = pred.force_mask(free_atoms_only)
+    m["n_force_atoms"] = int(f.sum())
+    if f.any():
+        diff = pred.forces_pred[f] - pred.forces_ref[f]
+        m["force_mae"], m["force_rmse"] = _mae(diff) * 1e3, _rmse(diff) * 1e3
+        m["force_cos"] = float(_cosine(pred.forces_pred[f], pred.forces_ref[f]).mean())
+        m["per_element"] = {}
+        for z in np.unique(pred.z[f]):
+            d = diff[pred.z[f] == z]
+            m["per_element"][chemical_symbols[z]] = {"n_atoms": int(len(d)), "force_mae": _mae(d) * 1e3,
+                                                     "force_rmse": _rmse(d) * 1e3}
+    s = pred.has_stress & np.isfinite(pred.stress_pred).reshape(len(pred.stress_pred), -1).all(1)
+    m["n_stress"] = int(s.sum())
+    if s.any():
+        diff = (pred.stress_pred[s] - pred.stress_ref[s]) / GPa
+        m["stress_mae"], m["stress_rmse"] = _mae(diff), _rmse(diff)
+    m["free_atoms_only"] = bool(free_atoms_only)
+    m["units"] = UNITS
+    return m
+
+
+def _mae(x: np.ndarray) -> float:
+    return float(np.abs(x).mean())
+
+
+def _rmse(x: np.ndarray) -> float:
+    return float(np.sqrt((x**2).mean()))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Cosine of the angle between rows of ``a`` and ``b`` [N, 3] → [N] (as torch's cosine_similarity)."""
+    na = np.maximum(np.linalg.norm(a, axis=1), eps)
+    nb = np.maximum(np.linalg.norm(b, axis=1), eps)
+    return (a * b).sum(1) / (na * nb)
+
+
+def write_report(pred: Predictions, out_dir: str | os.PathLike, *, free_atoms_only: bool = False,
+                 prefix: str = "", title: str = "") -> tuple[dict[str, Any], dict[str, Path], dict]:
+    """Metrics JSON, predictions ``.npz`` and PNG figures in ``out_dir``.
+
+    Returns:
+        (metrics, written files by name, matplotlib figures by name).
+    """
+    from potentials import plots
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = compute_metrics(pred, free_atoms_only)
+    figures = plots.evaluation_figures(pred, metrics, free_atoms_only=free_atoms_only, title=title)
+    files = {name: plots.save(fig, out / f"{prefix}{name}.png") for name, fig in figures.items()}
+    files["metrics"] = out / f"{prefix}metrics.json"
+    files["metrics"].write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
+    files["predictions"] = pred.save(out / f"{prefix}predictions.npz")
+    return metrics, files, figures
+
+
+def evaluate_file(model: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike, *,
+                  device: str = "cpu", dtype: str = "float32", batch_size: int = 16, free_atoms_only: bool = False,
+                  progress: bool = False, **read_options: Any) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Evaluate the model file ``model`` on the labelled structures in ``data``; write the report to ``out_dir``.
+
+    Args:
+        model: a file written by training (``<run dir>/model.pt``).
+        data: labelled structures (see :func:`read_labelled`; ``read_options`` are passed on).
+        out_dir: folder for ``metrics.json``, ``predictions.npz`` and the figures.
+        device, dtype: where and in which precision to run the model.
+        batch_size: structures per forward pass.
+        free_atoms_only: leave atoms held fixed (FixAtoms, OC20's subsurface) out of the force metrics.
+        progress: show a progress bar.
+
+    Returns:
+        (metrics, written files by name).
+    """
+    from potentials.export import load
+
+    potential = load(model, device=device, dtype=dtype)
+    frames = read_labelled(data, **read_options)
+    if not frames:
+        raise ValueError(f"file '{Path(data).name}': no structures selected")
+    if not any(getattr(a.calc, "results", None) for a in frames):
+        raise ValueError(f"file '{Path(data).name}': no energy, forces or stress labels to compare with")
+    graphs = to_graphs(frames, potential, getattr(torch, dtype))
+    if free_atoms_only and not any(bool(g.fixed.any()) for g in graphs):
+        raise ValueError(f"file '{Path(data).name}': free_atoms_only asked, but no atom is fixed (no FixAtoms "
+                         "constraint in any frame)")
+    pred = predict(potential, graphs, batch_size=batch_size, progress=progress)
+    metrics, files, _ = write_report(pred, out_dir, free_atoms_only=free_atoms_only, title=Path(data).name)
+    return metrics, files
+
+
+def report_split(potential: Potential, graphs: Sequence[AtomicGraph], out_dir: str | os.PathLike, *,
+                 split: str = "test", loggers: Iterable = (), free_atoms_only: bool = False,
+                 batch_size: int = 16, step: int | None = None) -> dict[str, str]:
+    """Evaluation figures of one data split for a training run: files in ``out_dir`` and images on the loggers.
+
+    PNGs, ``<split>_metrics.json`` (with per-element errors) and ``<split>_predictions.npz`` go to ``out_dir``;
+    Weights & Biases and TensorBoard get one image per figure, keyed ``<split>/<figure>``; other loggers (CSV) only
+    the files.
+    """
+    was_training = potential.training
+    potential.eval()
+    try:
+        pred = predict(potential, graphs, batch_size=batch_size)
+    finally:
+        potential.train(was_training)
+    _, files, figures = write_report(pred, out_dir, free_atoms_only=free_atoms_only, prefix=f"{split}_",
+                                     title=f"{split} split")
+    log_figures(loggers, figures, {k: files[k] for k in figures}, split=split, step=step)
+    return {name: str(path) for name, path in files.items()}
+
+
+def log_figures(loggers: Iterable, figures: dict, files: dict[str, Path], *, split: str, step: int | None) -> None:
+    """Send figures to the Weights & Biases and TensorBoard loggers among ``loggers`` (others are left alone)."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    for logger in loggers or ():
+        if isinstance(logger, WandbLogger):  # one history step holding every figure
+            import wandb
+
+            logger.log_metrics({f"{split}/{name}": wandb.Image(str(path)) for name, path in files.items()})
+        elif isinstance(logger, TensorBoardLogger):
+            for name, fig in figures.items():
+                logger.experiment.add_figure(f"{split}/{name}", fig, global_step=step or 0, close=False)
+            logger.experiment.flush()
