@@ -232,3 +232,5 @@ def test_broken_json_and_options_fail_clearly(tmp_path, shared_data):
         mptrj.read(shared_data / JSON, energy_key="energy_per_atom")
     with pytest.raises(FileNotFoundError):
         mptrj.read(tmp_path / "absent.json")
+    assert [a.info["frame"] for a in _read(shared_data / DB, limit=2)] == ["mp-1393488-0-0", "mp-1095441-0-1"]
+    assert len(_read(shared_data / JSON, limit=4)) == 4

@@ -70,7 +70,11 @@ def test_pair_files_that_disagree_fail(tmp_path, frames):
     lone.mkdir()
     samples.write_s2ef_pair(lone, 0, frames[:2], fids=range(2))
     (lone / "1.extxyz").write_text(samples.extxyz_frame(frames[3]))
-    with pytest.raises(FileNotFoundError, match=r"without their \.txt.*'1\.extxyz'"):
+    with pytest.raises(ValueError, match=r"mixes kinds .*'traj': \['1\.extxyz'\]"):
+        _read(lone)
+    (lone / "1.extxyz").unlink()
+    (lone / "7.txt").write_text(f"random{SID},frame0,{REFERENCE}\n")
+    with pytest.raises(FileNotFoundError, match=r"\.txt files without their S2EF frames .*'7\.txt'"):
         _read(lone)
 
 
@@ -88,9 +92,12 @@ def test_trajectory_frames_and_is2re_record(tmp_path, frames, shared_data):
     np.testing.assert_allclose(is2re.arrays["pos_relaxed"], frames[-1].positions)
     assert is2re.get_potential_energy() == is2re.info["y_relaxed"] == pytest.approx(-19.03837366)
     assert is2re.info["y_init"] == pytest.approx(-17.87281992) and "forces" not in is2re.calc.results
-    # the same trajectory as OC20 distributes it: random<sid>.extxyz.xz
-    xz = samples.write_text(tmp_path / f"random{SID}.extxyz.xz", "".join(samples.extxyz_frame(a) for a in frames))
-    (from_xz,) = _read(xz, task="is2rs", references={f"random{SID}": REFERENCE})
+    # the same trajectory as OC20 distributes it: random<sid>.extxyz.xz, in a folder with a system.txt of references
+    folder = tmp_path / "is2res"
+    folder.mkdir()
+    samples.write_text(folder / f"random{SID}.extxyz.xz", "".join(samples.extxyz_frame(a) for a in frames))
+    (folder / "system.txt").write_text(refs.read_text())
+    (from_xz,) = _read(folder, task="is2rs", references=folder / "system.txt")
     assert from_xz.info["y_relaxed"] == pytest.approx(-19.03837366 - REFERENCE, abs=1e-8)
     np.testing.assert_allclose(from_xz.arrays["pos_relaxed"], frames[-1].positions, atol=1e-8)
 

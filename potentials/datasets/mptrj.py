@@ -96,6 +96,8 @@ def read(
             named); a frame is malformed and ``skip_invalid`` is False (file, frame id and field are named).
     """
     path = Path(path)
+    if limit is not None and limit < 1:
+        raise ValueError(f"{where(path.name)}: limit must be a positive number of frames or None, got {limit}")
     if energy_key not in ENERGY_KEYS:
         raise ValueError(f"{where(path.name)}: energy_key must be one of {ENERGY_KEYS}, got {energy_key!r}")
     if not path.is_file():
@@ -118,8 +120,6 @@ def _read_json(path: Path, *, energy_key: str, skip: SkipReport, limit: int | No
         opener = _OPENERS.get(path.suffix.lower())
         stream = opener(fileobj=counted) if opener else counted
         for mp_id, frame_id, frame in iter_json_frames(stream, source):
-            if limit is not None and n_yielded >= limit:
-                return
             try:
                 atoms = frame_to_atoms(frame, mp_id=mp_id, frame_id=frame_id, source=source, energy_key=energy_key)
             except InvalidRecordError as err:
@@ -128,6 +128,8 @@ def _read_json(path: Path, *, energy_key: str, skip: SkipReport, limit: int | No
             skip.ok()
             n_yielded += 1
             yield atoms
+            if limit is not None and n_yielded >= limit:
+                return
 
 
 def iter_json_frames(stream: BinaryIO, source: str) -> Iterator[tuple[str, str, Any]]:
@@ -392,8 +394,6 @@ def _read_db(path: Path, *, energy_key: str, skip: SkipReport, limit: int | None
     with skip, tqdm(total=db.count(), unit="frame", desc=source, disable=not progress, leave=False) as bar:
         for row in db.select():
             bar.update(1)
-            if limit is not None and n_yielded >= limit:
-                return
             try:
                 atoms = row_to_atoms(row, source=source, energy_key=energy_key)
             except InvalidRecordError as err:
@@ -402,6 +402,8 @@ def _read_db(path: Path, *, energy_key: str, skip: SkipReport, limit: int | None
             skip.ok()
             n_yielded += 1
             yield atoms
+            if limit is not None and n_yielded >= limit:
+                return
 
 
 def row_to_atoms(row: Any, *, source: str, energy_key: str = "corrected_total_energy") -> Atoms:

@@ -97,6 +97,8 @@ def read(
     path = Path(path)
     if task not in TASKS:
         raise ValueError(f"{where(path.name)}: task must be one of {TASKS}, got {task!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"{where(path.name)}: limit must be a positive number of structures or None, got {limit}")
     if not path.exists():
         raise FileNotFoundError(f"OC20 path not found: {path}")
     kind, files = _inventory(path)
@@ -121,12 +123,12 @@ def _stream(path: Path, kind: str, files: list[Path], options: dict, skip: SkipR
                 if isinstance(item, InvalidRecordError):
                     skip.handle(item)
                     continue
-                if limit is not None and n >= limit:
-                    return
                 skip.ok()
                 n += 1
                 bar.update(1)
                 yield item
+                if limit is not None and n >= limit:
+                    return
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -158,33 +160,48 @@ def _txt_of(xyz: Path) -> Path | None:
 
 
 def _inventory(path: Path) -> tuple[str, list[Path]]:
-    """The kind of data (``s2ef``, ``traj``, ``lmdb``, ``aselmdb``) and its files in reading order."""
-    entries = sorted((p for p in path.iterdir() if p.is_file()), key=_natural) if path.is_dir() else [path]
-    kinds = {p: _kind(p) for p in entries}
-    if not path.is_dir() and kinds[path] is None:
-        raise ValueError(f"{where(path.name)}: not an OC20 file kind (.extxyz[.xz], .txt[.xz], .traj, .lmdb, "
-                         ".aselmdb)")
-    if not path.is_dir() and kinds[path] == "txt":
-        xyz = [path.parent / f"{_stem(path)}{s}" for s in (".extxyz", ".extxyz.xz")]
-        xyz = [p for p in xyz if p.is_file()]
-        if not xyz:
-            raise FileNotFoundError(f"{where(path.name)}: no {_stem(path)}.extxyz[.xz] beside it to pair with")
-        return "s2ef", xyz[:1]
-    found = {k for k in kinds.values() if k is not None}
-    if "txt" in found or (not path.is_dir() and kinds[path] == "xyz" and _txt_of(path) is not None):
-        xyz = [p for p in entries if kinds[p] == "xyz"]
-        missing = [p.name for p in xyz if _txt_of(p) is None]
-        if missing:
-            raise FileNotFoundError(f"{where(path.name)}: S2EF frames without their .txt of ids and reference "
-                                    f"energies: {missing[:5]}")
-        return "s2ef", xyz
-    for kind in ("aselmdb", "lmdb"):
-        if kind in found:
-            return kind, [p for p in entries if kinds[p] == kind]
-    trajectories = [p for p in entries if kinds[p] in ("traj", "xyz")]
-    if not trajectories:
+    """The kind of data (``s2ef``, ``traj``, ``lmdb``, ``aselmdb``) and its files in reading order.
+
+    In a folder, an ``.extxyz`` with a ``.txt`` of the same stem is an S2EF pair and one without is a trajectory;
+    other ``.txt`` files (e.g. ``system.txt`` of reference energies) are left alone unless pairs are present, and
+    files of no OC20 kind are ignored. A folder mixing kinds is an error.
+    """
+    if not path.is_dir():
+        kind = _kind(path)
+        if kind is None:
+            raise ValueError(f"{where(path.name)}: not an OC20 file kind (.extxyz[.xz], .txt[.xz], .traj, .lmdb, "
+                             ".aselmdb)")
+        if kind == "txt":
+            xyz = [path.parent / f"{_stem(path)}{s}" for s in (".extxyz", ".extxyz.xz")]
+            xyz = [p for p in xyz if p.is_file()]
+            if not xyz:
+                raise FileNotFoundError(f"{where(path.name)}: no {_stem(path)}.extxyz[.xz] beside it to pair with")
+            return "s2ef", xyz[:1]
+        if kind == "xyz":
+            return ("s2ef" if _txt_of(path) is not None else "traj"), [path]
+        return kind, [path]
+    entries = sorted((p for p in path.iterdir() if p.is_file()), key=_natural)
+    groups: dict[str, list[Path]] = {}
+    for p in entries:
+        kind = _kind(p)
+        if kind == "xyz":
+            kind = "s2ef" if _txt_of(p) is not None else "traj"
+        if kind is not None:
+            groups.setdefault(kind, []).append(p)
+    texts = groups.pop("txt", [])
+    if "s2ef" in groups:
+        paired = {_stem(p) for p in groups["s2ef"]}
+        lone = [p.name for p in texts if _stem(p) not in paired]
+        if lone:
+            raise FileNotFoundError(f"{where(path.name)}: .txt files without their S2EF frames (.extxyz): {lone[:5]}")
+    if len(groups) > 1:
+        listing = {kind: [p.name for p in files[:3]] for kind, files in groups.items()}
+        raise ValueError(f"{where(path.name)}: the folder mixes kinds of OC20 files {listing} (an .extxyz without "
+                         "its .txt counts as a trajectory); keep one kind per folder")
+    if not groups:
         raise ValueError(f"{where(path.name)}: no OC20 files in this folder")
-    return "traj", trajectories
+    ((kind, files),) = groups.items()
+    return kind, files
 
 
 def _open_text(path: Path) -> TextIO:
