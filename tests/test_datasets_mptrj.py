@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import re
 import tracemalloc
@@ -234,3 +235,14 @@ def test_broken_json_and_options_fail_clearly(tmp_path, shared_data):
         mptrj.read(tmp_path / "absent.json")
     assert [a.info["frame"] for a in _read(shared_data / DB, limit=2)] == ["mp-1393488-0-0", "mp-1095441-0-1"]
     assert len(_read(shared_data / JSON, limit=4)) == 4
+
+
+@pytest.mark.parametrize("read_size", [1, 3, 7, 64])
+def test_non_finite_tokens_become_strings_across_read_boundaries(read_size):
+    text = b'{"a": [NaN, 1.5, -Infinity], "NaN, b": ["NaN", Infinity],\n "c": {"d": NaN} }'
+    stream = mptrj._NonFiniteTokens(io.BytesIO(text))
+    chunks = []
+    while chunk := stream.read(read_size):
+        chunks.append(chunk)
+    assert json.loads(b"".join(chunks)) == {"a": ["NaN", 1.5, "-Infinity"], "NaN, b": ["NaN", "Infinity"],
+                                            "c": {"d": "NaN"}}
