@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from potentials import __version__
-from potentials.cli import evaluate, md, relax
+from potentials.cli import evaluate, md, preprocess, relax
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     relax.add_parser(sub)
     evaluate.add_parser(sub)
     md.add_parser(sub)
+    preprocess.add_parser(sub)
     return parser
 
 

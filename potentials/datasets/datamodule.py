@@ -1,4 +1,9 @@
-"""AtomsDataModule: any adapter's ``ase.Atoms`` → AtomicGraphs → reproducible splits → PyG batches."""
+"""AtomsDataModule: any adapter's ``ase.Atoms`` → AtomicGraphs → reproducible splits → PyG batches.
+
+The graphs live in memory (``source``: an adapter) or on disk (``dataset``: a
+:class:`~potentials.datasets.store.StoreDataset` over a graph store built by ``potentials preprocess``); splits,
+batching and the statistics interface are the same for both.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import lightning as L
 import torch
 from torch_geometric.loader import DataLoader
 
+from potentials.datasets.collate import collate_graphs
 from potentials.datasets.splits import SPLITS, make_splits
 from potentials.datasets.stats import DatasetStats, compute_stats
 from potentials.graph import AtomicGraph
@@ -24,12 +30,15 @@ def _where(atoms: ase.Atoms, k: int) -> str:
 
 
 class AtomsDataModule(L.LightningDataModule):
-    """In-memory dataset of graphs built once from an adapter.
+    """Dataset of graphs built once from an adapter (in memory) or read from a graph store (on disk).
 
     Args:
         source: a callable returning an iterable of labelled ``ase.Atoms`` (an adapter's ``read`` with its options
-            bound; in Hydra configs a ``_partial_: true`` target).
-        cutoff: neighbour radius, Å.
+            bound; in Hydra configs a ``_partial_: true`` target). Give either ``source`` or ``dataset``.
+        dataset: a map-style dataset of AtomicGraphs with ``subset(indices)``, ``groups(info_key)`` and
+            ``cached_stats()`` (a :class:`~potentials.datasets.store.StoreDataset`); splits become subsets of it
+            and nothing is loaded into memory.
+        cutoff: neighbour radius, Å (with ``dataset``: defaults to the dataset's cutoff).
         split: keyword arguments of :func:`potentials.datasets.splits.make_splits` (train/val/test amounts, seed,
             index_files) plus ``group_by``: an ``atoms.info`` key whose values keep groups within one split.
         batch_size: structures per training batch.
@@ -37,12 +46,14 @@ class AtomsDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         dtype: floating dtype of the graphs (``float32`` or ``float64``).
         seed: seed of the training shuffle.
+        name: dataset name, for messages and the exported model.
+        path: the data file or store the config's ``source``/``dataset`` reads (kept for reference only).
     """
 
     def __init__(
         self,
-        source: Callable[[], Iterable[ase.Atoms]],
-        cutoff: float,
+        source: Callable[[], Iterable[ase.Atoms]] | None = None,
+        cutoff: float | None = None,
         split: dict[str, Any] | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -50,10 +61,18 @@ class AtomsDataModule(L.LightningDataModule):
         dtype: str = "float32",
         seed: int = 0,
         name: str = "data",
+        dataset: Any = None,
+        path: str | None = None,
     ) -> None:
         super().__init__()
+        if (source is None) == (dataset is None):
+            raise ValueError(f"dataset {name!r}: give either source (an adapter) or dataset (a graph store), not "
+                             f"{'both' if source is not None else 'neither'}")
+        if cutoff is None and dataset is None:
+            raise ValueError(f"dataset {name!r}: cutoff (Å) is required to build graphs from an adapter")
         self.source = source
-        self.cutoff = float(cutoff)
+        self.dataset = dataset
+        self.cutoff = float(cutoff if cutoff is not None else dataset.cutoff)
         self.split_options = dict(split or {})
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
@@ -61,6 +80,7 @@ class AtomsDataModule(L.LightningDataModule):
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.seed = int(seed)
         self.name = name
+        self.path = path
         self.graphs: list[AtomicGraph] | None = None
         self.splits: dict[str, list[AtomicGraph]] = {}
         self.indices: dict[str, Any] = {}
@@ -68,6 +88,9 @@ class AtomsDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.graphs is not None:
+            return
+        if self.dataset is not None:
+            self._setup_dataset()
             return
         graphs, groups = [], []
         options = dict(self.split_options)
@@ -91,17 +114,33 @@ class AtomsDataModule(L.LightningDataModule):
                 raise ValueError(f"dataset {self.name!r}: the {name} split is empty ({len(graphs)} structures)")
         log.info("dataset %s: %s structures", self.name, {k: len(v) for k, v in self.splits.items()})
 
+    def _setup_dataset(self) -> None:
+        """Splits of an on-disk dataset: index arrays and lazy subsets, nothing read but group keys."""
+        options = dict(self.split_options)
+        group_by = options.pop("group_by", None)
+        n = len(self.dataset)
+        if n == 0:
+            raise ValueError(f"dataset {self.name!r} is empty")
+        groups = self.dataset.groups(group_by) if group_by is not None else None
+        self.graphs = self.dataset
+        self.indices = make_splits(n, groups=groups, **options)
+        self.splits = {name: self.dataset.subset(self.indices[name]) for name in SPLITS}
+        if not len(self.splits["train"]):
+            raise ValueError(f"dataset {self.name!r}: the train split is empty ({n} structures)")
+        log.info("dataset %s: %s structures", self.name, {k: len(v) for k, v in self.splits.items()})
+
     @property
     def stats(self) -> DatasetStats:
         """Statistics of the training split (computed once)."""
         if self._stats is None:
             self.setup()
-            self._stats = compute_stats(self.splits["train"])
+            train = self.splits["train"]
+            self._stats = train.cached_stats() if hasattr(train, "cached_stats") else compute_stats(train)
         return self._stats
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
+        loader = DataLoader(
             self.splits[name],
             batch_size=self.batch_size if name == "train" else self.eval_batch_size,
             shuffle=shuffle,
@@ -109,6 +148,8 @@ class AtomsDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             generator=generator,
         )
+        loader.collate_fn = collate_graphs  # batches leave worker processes as one byte string (collate.py)
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

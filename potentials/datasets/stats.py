@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+#: Element-count columns: atomic numbers 0..118.
+_MAX_Z = 119
+
 
 @dataclass
 class DatasetStats:
@@ -56,31 +59,78 @@ def fit_atomic_energies(counts: np.ndarray, energies: np.ndarray, elements: list
     return {int(z): float(e) for z, e in zip(elements, e0, strict=True)}, float(np.sqrt(np.mean(resid**2)))
 
 
+class StreamingLeastSquares:
+    """The triangular factor R of a tall matrix [A | b], accumulated a block of rows at a time.
+
+    ``||A x - b||² = ||R [x; -1]||²`` for every x, so least squares over millions of rows needs only the
+    (K+1)×(K+1) factor: memory does not grow with the number of rows, and QR keeps the fit as stable as a
+    direct ``lstsq`` on A.
+
+    Args:
+        k: number of unknowns (columns of A).
+        block: rows buffered before each QR update.
+    """
+
+    def __init__(self, k: int, block: int = 4096) -> None:
+        self.r = np.zeros((0, k + 1))
+        self.rows: list[np.ndarray] = []
+        self.block = block
+
+    def add(self, a: np.ndarray, b: float) -> None:
+        """One row: coefficients ``a`` [K] and target ``b``."""
+        self.rows.append(np.append(np.asarray(a, dtype=np.float64), b))
+        if len(self.rows) >= self.block:
+            self._update()
+
+    def _update(self) -> None:
+        if self.rows:
+            self.r = np.linalg.qr(np.vstack([self.r, np.stack(self.rows)]), mode="r")
+            self.rows.clear()
+
+    def factor(self) -> np.ndarray:
+        """R [min(rows, K+1), K+1]."""
+        self._update()
+        return self.r
+
+
 def compute_stats(graphs: Iterable) -> DatasetStats:
-    """One pass over graphs (AtomicGraph objects with labels and masks) → :class:`DatasetStats`."""
-    rows, energies, f2, nf, n_edges, n_atoms, n_struct = [], [], 0.0, 0, 0, 0, 0
-    zs: set[int] = set()
+    """One streaming pass over graphs (AtomicGraph objects with labels and masks) → :class:`DatasetStats`.
+
+    Memory stays constant however many graphs there are: the reference-energy fit accumulates QR factors
+    (:class:`StreamingLeastSquares`) of the per-structure element counts, once plain and once divided by the
+    number of atoms (for the per-atom residual).
+    """
+    fit, per_atom = StreamingLeastSquares(_MAX_Z), StreamingLeastSquares(_MAX_Z)
+    f2, nf, n_edges, n_atoms, n_struct, n_energy = 0.0, 0, 0, 0, 0, 0
+    present = np.zeros(_MAX_Z, dtype=bool)
     for g in graphs:
         z = g.z.numpy()
-        zs.update(np.unique(z).tolist())
+        counts = np.bincount(z, minlength=_MAX_Z).astype(np.float64)
+        present |= counts > 0
         n_struct += 1
         n_atoms += len(z)
         n_edges += int(g.edge_index.shape[1])
         if bool(g.has_energy):
-            rows.append(np.bincount(z, minlength=119))
-            energies.append(float(g.energy))
+            energy = float(g.energy)
+            fit.add(counts, energy)
+            per_atom.add(counts / len(z), energy / len(z))
+            n_energy += 1
         if bool(g.has_forces):
             f = g.forces.double().numpy()
             f2 += float((f**2).sum())
             nf += f.size
-    elements = sorted(zs)
-    if rows:
-        counts = np.stack(rows)[:, elements]
-        e0, rmse = fit_atomic_energies(counts, np.asarray(energies), elements)
+    elements = np.flatnonzero(present).tolist()
+    if n_energy:
+        r = fit.factor()
+        e0, *_ = np.linalg.lstsq(r[:, elements], r[:, -1], rcond=None)
+        x = np.zeros(_MAX_Z + 1)
+        x[elements], x[-1] = e0, -1.0
+        rmse = float(np.linalg.norm(per_atom.factor() @ x) / math.sqrt(n_energy))
+        atomic_energies = {int(z): float(e) for z, e in zip(elements, e0, strict=True)}
     else:
-        e0, rmse = {z: 0.0 for z in elements}, math.nan
+        atomic_energies, rmse = {z: 0.0 for z in elements}, math.nan
     return DatasetStats(
-        atomic_energies=e0,
+        atomic_energies=atomic_energies,
         force_rms=math.sqrt(f2 / nf) if nf else 1.0,
         avg_num_neighbors=n_edges / n_atoms if n_atoms else 1.0,
         num_structures=n_struct,
