@@ -33,12 +33,15 @@ class PotentialCalculator(Calculator):
         self.potential = potential.to(device=self.device, dtype=self.dtype).eval()
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, device: str = "cpu", dtype: str = "float32", **kwargs
-                  ) -> PotentialCalculator:
-        """Load a model file written at the end of training (``<run dir>/model.pt``)."""
+    def from_file(cls, path: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
+                  cutoff: float | None = None, **kwargs) -> PotentialCalculator:
+        """Load a model file written at the end of training (``<run dir>/model.pt``).
+
+        ``cutoff`` (Å), when given, must be the model's training cutoff (see :func:`potentials.export.load`).
+        """
         from potentials.export import load
 
-        return cls(load(path, device=device, dtype=dtype), device=device, dtype=dtype, **kwargs)
+        return cls(load(path, device=device, dtype=dtype, cutoff=cutoff), device=device, dtype=dtype, **kwargs)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from potentials.errors import PotentialsInputError
 from potentials.potential import Potential
 
 FORMAT_VERSION = 1
@@ -50,9 +51,21 @@ def save(potential: Potential, path: str | os.PathLike, model_config: dict[str, 
     return path
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
-         ) -> Potential:
-    """Load a file written by :func:`save` as a :class:`Potential` in eval mode on ``device`` with ``dtype``."""
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
+         cutoff: float | None = None) -> Potential:
+    """Load a file written by :func:`save` as a :class:`Potential` in eval mode on ``device`` with ``dtype``.
+
+    Args:
+        path: the model file.
+        device, dtype: where and in which precision to run it.
+        cutoff: the neighbour radius (Å) the caller means to use; it must be the one the model was trained with
+            (None takes that one).
+
+    Raises:
+        FileNotFoundError: no such file.
+        PotentialsInputError: not a model file (a Lightning ``.ckpt``, a damaged file), a newer file format, weights
+            that do not fit the model config, or another ``cutoff`` than the model's.
+    """
     from hydra.utils import instantiate
 
     path = Path(path)
@@ -61,20 +74,26 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"{path}: not a readable potentials model file ({err})") from err
-    if not isinstance(payload, dict) or "format_version" not in payload:
-        raise ValueError(f"{path}: not a potentials model file (no format_version)")
+        raise PotentialsInputError(f"{path}: not a readable potentials model file ({err}); a training checkpoint "
+                                   "(.ckpt) is not a model file, the run directory's model.pt is") from err
+    if not isinstance(payload, dict) or not isinstance(payload.get("format_version"), int):
+        raise PotentialsInputError(f"{path}: not a potentials model file (no format_version)")
     if payload["format_version"] > FORMAT_VERSION:
-        raise ValueError(
+        raise PotentialsInputError(
             f"{path}: written by potentials {payload.get('package_version')} in file format "
             f"{payload['format_version']}; this version reads format {FORMAT_VERSION} at most — upgrade potentials"
+        )
+    if cutoff is not None and abs(float(cutoff) - float(payload["cutoff"])) > 1e-9:
+        raise PotentialsInputError(
+            f"{path}: the model was trained with a cutoff of {payload['cutoff']} Å and cannot be used with "
+            f"{cutoff} Å (its radial functions end at the training cutoff); leave the cutoff out to use the model's"
         )
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = instantiate(payload["model_config"])
     try:
         model.load_state_dict(payload["model_state"])
     except RuntimeError as err:
-        raise ValueError(f"{path}: the weights do not fit the model its config describes: {err}") from err
+        raise PotentialsInputError(f"{path}: the weights do not fit the model its config describes: {err}") from err
     potential = Potential(
         model,
         cutoff=payload["cutoff"],

@@ -13,9 +13,12 @@ from ase.stress import full_3x3_to_voigt_6_stress, voigt_6_to_full_3x3_stress
 from torch_geometric.data import Data
 
 from potentials import keys
-from potentials.neighbors import neighbor_list
+from potentials.errors import PotentialsInputError
+from potentials.neighbors import edge_vectors, neighbor_list
 
 _NAN33 = [[math.nan] * 3] * 3
+#: Closest distance (Å) two atoms, or an atom and a periodic image, may have in a valid structure.
+MIN_DISTANCE = 0.1
 
 
 def _labels(atoms: ase.Atoms) -> dict:
@@ -111,8 +114,11 @@ class AtomicGraph(Data):
         return atoms
 
     def validate(self, where: str = "graph") -> None:
-        """Raise ``ValueError`` naming ``where`` and the field if shapes, dtypes or values are inconsistent."""
+        """Raise :class:`PotentialsInputError` (a ``ValueError``) naming ``where`` and the field if shapes, dtypes or
+        values are inconsistent, or the structure has no atoms."""
         n = self.pos.shape[0]
+        if n == 0:
+            raise PotentialsInputError(f"{where}: field '{keys.POS}': the structure has no atoms")
         checks = [
             (self.pos.shape == (n, 3), keys.POS, f"shape {tuple(self.pos.shape)}, expected ({n}, 3)"),
             (self.z.shape == (n,), keys.Z, f"shape {tuple(self.z.shape)}, expected ({n},)"),
@@ -131,4 +137,19 @@ class AtomicGraph(Data):
                 checks.append((bool(torch.isfinite(getattr(self, field)).all()), field, "non-finite label"))
         for ok, field, msg in checks:
             if not ok:
-                raise ValueError(f"{where}: field '{field}': {msg}")
+                raise PotentialsInputError(f"{where}: field '{field}': {msg}")
+
+    def check_distances(self, where: str = "graph") -> None:
+        """Raise :class:`PotentialsInputError` if two atoms, or an atom and a periodic image, are closer than
+        :data:`MIN_DISTANCE` (overlapping or duplicated atoms), naming ``where``, both atoms and the distance."""
+        if self.edge_index.numel():
+            j, i = self.edge_index
+            cell = self.cell.reshape(-1, 3, 3).double()
+            dist = edge_vectors(self.pos.double(), self.edge_index, self.cell_offsets, cell).norm(dim=1)
+            e = int(dist.argmin())
+            if float(dist[e]) < MIN_DISTANCE:
+                offset = [int(x) for x in self.cell_offsets[e].tolist()]
+                image = f" (periodic image {offset})" if any(offset) else ""
+                raise PotentialsInputError(
+                    f"{where}, field 'positions': atoms {int(i[e])} and {int(j[e])}{image} are {float(dist[e]):.3g} Å "
+                    f"apart, closer than {MIN_DISTANCE} Å: overlapping or duplicated atoms")

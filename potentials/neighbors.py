@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from vesin import NeighborList
 
+from potentials.errors import PotentialsInputError
+
 
 def neighbor_list(
     positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
@@ -32,13 +34,16 @@ def neighbor_list(
     positions = np.ascontiguousarray(positions, dtype=np.float64)
     pbc = np.asarray(pbc, dtype=bool).reshape(3)
     cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    if not np.isfinite(positions).all() or (pbc.any() and not np.isfinite(cell).all()):
+        raise PotentialsInputError("positions or cell hold NaN or inf values")
     if pbc.any():
         vol = abs(np.linalg.det(cell))
         if not np.isfinite(vol) or vol < 1e-6:
-            raise ValueError(
+            raise PotentialsInputError(
                 f"cell with periodic directions {pbc.tolist()} has zero volume ({vol:.3g} Å³); "
                 "give three non-degenerate lattice vectors (non-periodic ones may be any vacuum length)"
             )
+        _check_images(cell, pbc, cutoff)
     else:
         cell = np.zeros((3, 3))
     if len(positions) == 0:
@@ -50,6 +55,29 @@ def neighbor_list(
     shifts = shifts.astype(np.int64)
     order = np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, i))
     return np.stack([j[order], i[order]]), shifts[order]
+
+
+#: Most periodic images of the cell a neighbour search may have to visit before it is refused.
+MAX_IMAGES = 100_000
+
+
+def _check_images(cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> None:
+    """Refuse nearly singular or extremely skewed cells, whose neighbour search would not finish.
+
+    The distance between opposite faces of the cell along periodic direction k is h_k = V / |a_i × a_j|; a search
+    within ``cutoff`` visits about Π_k (2·⌈cutoff / h_k⌉ + 1) periodic images of the cell.
+    """
+    volume = abs(np.linalg.det(cell))
+    heights = np.array([volume / max(np.linalg.norm(np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3])), 1e-300)
+                        for k in range(3)])
+    images = np.prod([2 * np.ceil(cutoff / h) + 1 for h, periodic in zip(heights, pbc, strict=True) if periodic])
+    if not np.isfinite(images) or images > MAX_IMAGES:
+        thinnest = float(heights[pbc].min())
+        raise PotentialsInputError(
+            f"cell is nearly singular or very skewed: it is only {thinnest:.3g} Å thick along a periodic direction, "
+            f"so a {cutoff} Å neighbour search would visit {images:.3g} periodic images; check the lattice vectors "
+            "(a skewed cell can be reduced with ase.build.niggli_reduce)"
+        )
 
 
 def edge_vectors(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from potentials import keys
+from potentials.errors import PotentialsInputError
 from potentials.neighbors import edge_vectors
 
 NUM_Z = 119
@@ -79,7 +80,8 @@ class Potential(nn.Module):
 
             names = ", ".join(chemical_symbols[u] for u in unknown)
             known = ", ".join(chemical_symbols[u] for u in self.elements)
-            raise ValueError(f"the structure contains elements the model never saw: {names} (trained on: {known})")
+            raise PotentialsInputError(f"the structure contains elements the model never saw: {names} (trained on: "
+                                       f"{known})")
 
     def forward(
         self,

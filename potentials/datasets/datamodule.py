@@ -17,8 +17,10 @@ import torch
 from torch_geometric.loader import DataLoader
 
 from potentials.datasets.collate import collate_graphs
+from potentials.datasets.sampler import make_loader
 from potentials.datasets.splits import SPLITS, make_splits
 from potentials.datasets.stats import DatasetStats, compute_stats
+from potentials.errors import PotentialsInputError
 from potentials.graph import AtomicGraph
 
 log = logging.getLogger(__name__)
@@ -97,8 +99,12 @@ class AtomsDataModule(L.LightningDataModule):
         group_by = options.pop("group_by", None)
         for k, atoms in enumerate(self.source()):
             where = _where(atoms, k)
-            graph = AtomicGraph.from_atoms(atoms, self.cutoff, dtype=self.dtype)
+            try:
+                graph = AtomicGraph.from_atoms(atoms, self.cutoff, dtype=self.dtype)
+            except ValueError as err:  # e.g. a degenerate cell: say which frame
+                raise PotentialsInputError(f"{where}: {err}") from err
             graph.validate(where)
+            graph.check_distances(where)
             graphs.append(graph)
             if group_by is not None:
                 if group_by not in atoms.info:
@@ -139,20 +145,28 @@ class AtomsDataModule(L.LightningDataModule):
         return self._stats
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        loader = DataLoader(
-            self.splits[name],
-            batch_size=self.batch_size if name == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=generator,
-        )
+        # sharded across the trainer's processes in global batches; resumable mid-epoch (see sampler.py)
+        loader = make_loader(self.splits[name], self.batch_size if name == "train" else self.eval_batch_size,
+                             shuffle=shuffle, seed=self.seed, num_workers=self.num_workers, trainer=self.trainer)
         loader.collate_fn = collate_graphs  # batches leave worker processes as one byte string (collate.py)
         return loader
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        loader = self._loader("train", shuffle=True)
+        state, self._train_loader_state = getattr(self, "_train_loader_state", None), None
+        if state:
+            loader.load_state_dict(state)  # resuming mid-epoch: skip the batches already trained on
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position in its epoch; Lightning keeps it in checkpoints."""
+        loader = getattr(self, "_train_loader", None)
+        return {"train_loader": loader.state_dict()} if loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restored from a checkpoint before the loaders exist; applied by :meth:`train_dataloader`."""
+        self._train_loader_state = state.get("train_loader")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,8 +68,12 @@ def read(path: str | os.PathLike, *, indices: Sequence[int] | np.ndarray | None 
         found = sorted(npz.files)
         layout = _detect_layout(source, found)
         keys = LAYOUTS[layout]
-        arrays = {role: np.asarray(npz[key]) for role, key in keys.items()}
-        old_indices = np.asarray(npz["old_indices"]) if "old_indices" in found else None
+        try:  # members are read (and CRC-checked) only now
+            arrays = {role: np.asarray(npz[key]) for role, key in keys.items()}
+            old_indices = np.asarray(npz["old_indices"]) if "old_indices" in found else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise ValueError(f"{where(source)}: an array in the archive is damaged ({type(exc).__name__}: {exc}); "
+                             "the file is corrupted, download or copy it again") from exc
         name = _metadata_name(npz)
 
     numbers, positions, energy, forces = _checked_arrays(source, keys, arrays)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from potentials.datasets.validate import InvalidRecordError, where
+from potentials.datasets.validate import InvalidRecordError, check_lmdb_complete, where
 
 #: Key of the record count in older files.
 LENGTH_KEY = b"length"
@@ -95,6 +95,7 @@ def iter_records(path: str | os.PathLike, *, trusted: bool = False) -> Iterator[
     except lmdb.Error as exc:
         raise ValueError(f"{where(path.name)}: cannot be opened as an LMDB file ({exc})") from None
     try:
+        check_lmdb_complete(env, path, source=path.name)
         with env.begin(write=False) as txn:
             raw_length = txn.get(LENGTH_KEY)
             n = (pickle.loads(raw_length) if raw_length is not None  # noqa: S301 - trusted=True was given

@@ -58,6 +58,7 @@ import torch
 from torch.utils.data import Dataset
 
 from potentials.datasets.stats import DatasetStats, compute_stats
+from potentials.errors import PotentialsInputError
 from potentials.graph import AtomicGraph
 from potentials.neighbors import neighbor_list
 
@@ -77,7 +78,7 @@ _F8, _I4, _I1, _U1 = np.dtype("<f8"), np.dtype("<i4"), np.dtype("i1"), np.dtype(
 _FLOATS = {4: np.dtype("<f4"), 8: _F8}
 
 
-class StoreError(ValueError):
+class StoreError(PotentialsInputError):
     """A store that cannot be used as it is: missing, incomplete, corrupted or built for other settings."""
 
 

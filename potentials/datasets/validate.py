@@ -19,6 +19,8 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import atomic_numbers, chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 
+from potentials.errors import PotentialsInputError
+
 log = logging.getLogger(__name__)
 
 #: Thomas–Fermi total energy of a neutral atom is −0.7687·Z^(7/3) Hartree; it bounds the all-electron
@@ -28,7 +30,7 @@ _THOMAS_FERMI_HARTREE = 0.7687
 _BOUND_SAFETY = 1.5
 
 
-class InvalidRecordError(ValueError):
+class InvalidRecordError(PotentialsInputError):
     """A record of an input file is malformed; ``source``, ``record`` and ``field`` say where (None: unknown)."""
 
     def __init__(self, message: str, *, source: str, record: int | str | None = None,
@@ -276,3 +278,18 @@ class SkipReport:
         if self.skipped:
             log.warning("%s: skipped %d of %d records as invalid; they are listed in %s",
                         self.source, len(self.skipped), self.n_records, self.path)
+
+
+def check_lmdb_complete(env, file: str | os.PathLike, *, source: str) -> None:
+    """Raise :class:`PotentialsInputError` if the LMDB data ``file`` of the open ``env`` is shorter than its pages.
+
+    LMDB maps the file into memory: reading a page past the end of a truncated file (an interrupted copy or
+    download) kills the process with SIGBUS instead of raising. The meta page records the last page in use, so the
+    needed length is known before any record is read.
+    """
+    needed = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+    size = os.path.getsize(file)
+    if size < needed:
+        raise PotentialsInputError(
+            f"{where(source)}: the LMDB file is truncated ({size} bytes, its pages need {needed}); "
+            "copy or download it again")

@@ -10,17 +10,25 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Timer
 
-from potentials import keys
+from potentials import __version__, keys
+from potentials.errors import PotentialsInputError
 from potentials.potential import Potential
 from potentials.training.loss import PotentialLoss
 from potentials.training.metrics import PotentialMetrics
 
 # ModuleDict keys may not shadow nn.Module attributes (``train``)
 _KEY = {"train": "fit", "val": "val", "test": "test"}
+#: Version of what :meth:`PotentialModule.on_save_checkpoint` adds to a Lightning checkpoint.
+CHECKPOINT_FORMAT = 1
 
 
 class PotentialModule(L.LightningModule):
     """Trains ``potential``; validation, test and export use its exponential moving average (EMA) copy.
+
+    Data-parallel training (DDP) gives the same optimiser steps as one process with the same global batch: each
+    loss term is normalised by its count over the global batch (summed across processes), so DDP's gradient
+    average equals the gradient of the global mean. The EMA is updated after every optimiser step from the
+    parameters, which DDP keeps identical on all processes, so the EMA copies stay identical too.
 
     Args:
         potential: the Potential to train.
@@ -56,27 +64,42 @@ class PotentialModule(L.LightningModule):
                        min_lr_ratio=min_lr_ratio, plateau_factor=plateau_factor,
                        plateau_patience=plateau_patience, ema_decay=ema_decay)
         free = loss.free_atoms_only
-        self.metrics = torch.nn.ModuleDict({s: PotentialMetrics(free) for s in ("fit", "val", "test")})
+        self.metrics = torch.nn.ModuleDict(
+            {s: PotentialMetrics(free, loss_weights=loss.weights) for s in ("fit", "val", "test")})
 
     @property
     def eval_potential(self) -> Potential:
         """The weights used for validation, test and export (EMA when enabled)."""
         return self.ema if self.ema is not None else self.potential
 
-    def _step(self, potential: Potential, batch, split: str, train: bool) -> dict[str, torch.Tensor]:
+    def _global_counts(self, terms: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Each term's element count over the global batch divided by the number of processes (DDP)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return {name: count for name, (_, count) in terms.items()}
+        local = torch.stack([count for _, count in terms.values()])
+        total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
+        return {name: total[i] / world for i, name in enumerate(terms)}
+
+    def _step(self, potential: Potential, batch, split: str, train: bool) -> torch.Tensor | None:
         stress = self.loss_fn.needs_stress and bool(batch.has_stress.any())
         with torch.enable_grad():
             out = potential(batch, compute_forces=True, compute_stress=stress, create_graph=train)
-        losses = self.loss_fn(out, batch)
-        self.metrics[_KEY[split]].update({k: v.detach() for k, v in out.items()}, batch)
-        n = batch.num_graphs
-        for name, value in losses.items():
-            self.log(f"{split}/loss" if name == "total" else f"{split}/loss_{name}", value.detach(),
-                     batch_size=n, on_step=False, on_epoch=True, sync_dist=True, prog_bar=name == "total")
-        return losses
+        terms = self.loss_fn.terms(out, batch)
+        if not terms:
+            raise PotentialsInputError("the loss has no term: training.loss weights are all zero")
+        self.metrics[_KEY[split]].update({k: v.detach() for k, v in out.items()}, batch,
+                                         {k: (s.detach(), c) for k, (s, c) in terms.items()})
+        if not train:
+            return None
+        loss = self.loss_fn.combine(terms, self._global_counts(terms))["total"]
+        # mean over processes of the per-process losses = the loss of the global batch
+        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, sync_dist=True, prog_bar=True,
+                 batch_size=batch.num_graphs)
+        return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(self.potential, batch, "train", train=True)["total"]
+        return self._step(self.potential, batch, "train", train=True)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self.eval_potential.eval()
@@ -87,10 +110,12 @@ class PotentialModule(L.LightningModule):
         self._step(self.eval_potential, batch, "test", train=False)
 
     def _log_epoch_metrics(self, split: str) -> None:
-        values = self.metrics[_KEY[split]].compute()
+        metric = self.metrics[_KEY[split]]
+        values = metric.compute()  # already summed over processes: the mean in sync_dist below changes nothing
         for name, value in values.items():
-            self.log(f"{split}/{name}", value, prog_bar=split == "val" and name == "force_mae", sync_dist=False)
-        self.metrics[_KEY[split]].reset()
+            self.log(f"{split}/{name}", torch.tensor(value, dtype=torch.float64), sync_dist=True,
+                     prog_bar=(split == "val" and name == "force_mae") or (split == "train" and name == "loss"))
+        metric.reset()
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_metrics("train")
@@ -101,16 +126,51 @@ class PotentialModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics("test")
 
-    def on_train_batch_end(self, outputs: Any, batch, batch_idx: int) -> None:
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """The optimiser step, then the EMA update (before any callback can checkpoint the step)."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._update_ema(self.global_step + 1)
+
+    @torch.no_grad()
+    def _update_ema(self, steps: int) -> None:
+        """EMA ← decay·EMA + (1 − decay)·weights, with decay warming up as (1 + steps)/(10 + steps)."""
         if self.ema is None:
             return
-        decay = min(self.hp["ema_decay"], (1 + self.global_step) / (10 + self.global_step))
-        with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.potential.parameters(), strict=True):
-                e.lerp_(p.detach(), 1.0 - decay)
-            for e, b in zip(self.ema.buffers(), self.potential.buffers(), strict=True):
-                e.copy_(b)
+        decay = min(self.hp["ema_decay"], (1 + steps) / (10 + steps))
+        for e, p in zip(self.ema.parameters(), self.potential.parameters(), strict=True):
+            e.lerp_(p.detach(), 1.0 - decay)
+        for e, b in zip(self.ema.buffers(), self.potential.buffers(), strict=True):
+            e.copy_(b)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["potentials"] = {"checkpoint_format": CHECKPOINT_FORMAT, "package_version": __version__,
+                                    "cutoff": self.potential.cutoff}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with a clear message, checkpoints of a newer format, another cutoff or another model."""
+        source = getattr(self, "checkpoint_source", None) or "the checkpoint"
+        meta = checkpoint.get("potentials") or {}
+        if meta.get("checkpoint_format", CHECKPOINT_FORMAT) > CHECKPOINT_FORMAT:
+            raise PotentialsInputError(
+                f"{source} was written by potentials {meta.get('package_version')} in checkpoint format "
+                f"{meta['checkpoint_format']}; this version ({__version__}) reads format {CHECKPOINT_FORMAT} at most. "
+                "Upgrade potentials, or start afresh with resume=never.")
+        cutoff = meta.get("cutoff")
+        if cutoff is not None and not math.isclose(cutoff, self.potential.cutoff, rel_tol=1e-9):
+            raise PotentialsInputError(
+                f"{source} was trained with cutoff {cutoff} Å but the config asks for {self.potential.cutoff} Å; "
+                f"a model's cutoff is fixed by training: set cutoff={cutoff}, or start afresh with resume=never.")
+        own = self.state_dict()
+        theirs = checkpoint.get("state_dict", {})
+        problems = [f"missing {k}" for k in own if k not in theirs]
+        problems += [f"unexpected {k}" for k in theirs if k not in own]
+        problems += [f"{k}: checkpoint {tuple(v.shape)}, config {tuple(own[k].shape)}" for k, v in theirs.items()
+                     if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+        if problems:
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            raise PotentialsInputError(
+                f"{source} holds a different model than the config describes ({shown}). Resume with the model "
+                "options it was trained with, or start afresh with resume=never.")
     def configure_optimizers(self):
         hp = self.hp
         decay, no_decay = [], []

@@ -5,16 +5,28 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from potentials.errors import PotentialsInputError
 from potentials.potential import Potential
+from potentials.training.checkpointing import (
+    AtomicCheckpointIO,
+    checkpoint_callbacks,
+    remove_stale_temporaries,
+    resume_path,
+)
+from potentials.training.loggers import resuming_logger_kwargs
 from potentials.training.module import PotentialModule
 
 log = logging.getLogger("potentials")
@@ -30,27 +42,24 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
 
 
-def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
-    if cfg.resume in (None, "never", False):
-        return None
-    if cfg.resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"resume={cfg.resume}: no checkpoint there")
-    return str(path)
-
-
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, PotentialModule]:
     """Datamodule and LightningModule from a composed config (statistics written into ``cfg.data_stats``)."""
     dtype = getattr(torch, cfg.dtype)
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    stats = dm.stats
+    try:
+        dm = instantiate(cfg.data)
+        dm.setup("fit")
+        stats = dm.stats
+    except PotentialsInputError:
+        raise
+    except (ValueError, PermissionError, InstantiationException) as err:  # how the adapters report unusable input
+        raise PotentialsInputError(f"data={cfg.data.get('name', '?')}: {err}") from err
     with open_dict(cfg):
         cfg.data_stats = {**stats.to_dict(), "atomic_energies": {str(k): v for k, v in stats.atomic_energies.items()}}
     model = instantiate(cfg.model)
+    model_cutoff = getattr(model, "cutoff", None)
+    if model_cutoff is not None and abs(float(model_cutoff) - float(cfg.cutoff)) > 1e-9:
+        raise PotentialsInputError(f"model.cutoff={model_cutoff} Å differs from cutoff={cfg.cutoff} Å, the radius the "
+                                   "neighbour lists are built with; set the top-level cutoff only")
     potential = Potential(model, cfg.cutoff, atomic_energies=stats.atomic_energies, scale=stats.force_rms)
     potential = potential.to(dtype)
     t = cfg.training
@@ -73,20 +82,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("data: %s | train %d, val %d, test %d structures | %d parameters", dm.name,
              len(dm.splits["train"]), len(dm.splits["val"]), len(dm.splits["test"]), n_params)
 
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    if logger:
+    _report_labels(dm.splits["train"], module.loss_fn)
+
+    logger = False
+    if cfg.get("logger"):
+        logger = instantiate(cfg.logger, **resuming_logger_kwargs(cfg.logger.get("_target_", ""), run_dir))
         config = OmegaConf.to_container(cfg, resolve=True)
         logger.log_hyperparams({"config": config, "num_parameters": n_params})
     has_val = len(dm.splits["val"]) > 0
     monitor = cfg.training.monitor if has_val else "train/loss"
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode="min",
-                                 save_last=True, save_top_k=1, auto_insert_metric_name=False)
-    callbacks = [checkpoint] + ([LearningRateMonitor("step")] if logger else [])
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    every = cfg.get("checkpoint") or {}
+    steps = every.get("every_n_train_steps")  # when set, replaces the time-based trigger
+    checkpoint, checkpoints = checkpoint_callbacks(run_dir / "checkpoints", monitor, steps,
+                                                   None if steps else every.get("every_n_minutes"))
+    extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = checkpoints + ([LearningRateMonitor("step")] if logger else []) + extra
+    plugins = list(instantiate(cfg.trainer.get("plugins")) or [])
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())  # every checkpoint written atomically: a kill never leaves half a file
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=plugins)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
-    trainer.fit(module, datamodule=dm, ckpt_path=_resume_path(cfg, run_dir))
+    ckpt_path = resume_path(cfg.resume, run_dir)
+    if rank_zero_only.rank == 0:  # before fit, the launcher's environment knows the rank; the trainer may not
+        remove_stale_temporaries(run_dir / "checkpoints")
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+        module.checkpoint_source = ckpt_path
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "num_parameters": n_params,
+                               "_global_zero": trainer.is_global_zero,
                                "best_checkpoint": checkpoint.best_model_path or None,
                                "data_stats": OmegaConf.to_container(cfg.data_stats)}
     best = checkpoint.best_model_path or None
@@ -115,6 +141,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (run_dir / "metrics.json").write_text(json.dumps(public, indent=2))
         summary["metrics"] = str(run_dir / "metrics.json")
     return summary
+
+
+def _report_labels(graphs, loss) -> None:
+    """Log how many training structures carry each label; refuse a split with none of the weighted labels.
+
+    Structures without a label leave that term out of the loss (nothing is filled in), so the count is reported.
+    Only in-memory splits are counted (an on-disk store would have to be read through).
+    """
+    if not isinstance(graphs, list):
+        return
+    counts = {k: sum(bool(getattr(g, f"has_{k}")) for g in graphs) for k in loss.weights}
+    log.info("labels in the training split (%d structures): %s", len(graphs),
+             ", ".join(f"{k} {n}" for k, n in counts.items()))
+    weighted = {k: n for k, n in counts.items() if loss.weights[k] > 0}
+    if weighted and not any(weighted.values()):
+        raise PotentialsInputError(f"no training structure has a label the loss uses ({', '.join(weighted)}); "
+                                   "check the energy/forces keys of the data, or the training.loss weights")
+    for k, n in weighted.items():
+        if n < len(graphs):
+            log.info("%d of %d training structures have no %s label; they are left out of the %s loss term",
+                        len(graphs) - n, len(graphs), k, k)
 
 
 def _force_rms(graphs) -> float:
