@@ -1,7 +1,9 @@
 """Error metrics and loss terms accumulated over an epoch, summed across processes under DDP.
 
 Reported units: energy MAE meV/atom, force MAE/RMSE meV/Å, force cosine (dimensionless), stress MAE GPa; loss
-terms in the loss's own units. Every value is a ratio of two sums over the whole epoch (never a mean of batch
+terms in the loss's own units. OC20's metrics too: energy MAE per structure (meV; IS2RE's energy MAE), EwT (fraction
+of structures with |ΔE| < 20 meV) and EFwT (|ΔE| < 20 meV and every force component of every free atom within
+30 meV/Å; S2EF's primary metric). Every value is a ratio of two sums over the whole epoch (never a mean of batch
 means), so it does not depend on how the data were batched or split across processes: a run on two processes
 logs the same validation metrics as a run on one.
 """
@@ -15,11 +17,16 @@ from torchmetrics import Metric
 from potentials import keys
 from potentials.training.loss import TERMS
 
-METRICS = ("energy_mae", "force_mae", "force_rmse", "force_cos", "stress_mae")
+METRICS = ("energy_mae", "force_mae", "force_rmse", "force_cos", "stress_mae", "energy_total_mae", "ewt", "efwt")
 UNITS = {"energy_mae": "meV/atom", "force_mae": "meV/Å", "force_rmse": "meV/Å", "force_cos": "",
-         "stress_mae": "GPa"}
+         "stress_mae": "GPa", "energy_total_mae": "meV", "ewt": "", "efwt": ""}
+#: OC20's thresholds: |ΔE| below EWT_ENERGY (eV) counts for EwT; with every free-atom force component within
+#: EFWT_FORCE (eV/Å) also for EFwT.
+EWT_ENERGY = 0.02
+EFWT_FORCE = 0.03
 #: Accumulated quantities: each a (sum, count) pair.
-_SLOTS = ("energy_ae", "force_ae", "force_se", "force_cos", "stress_ae", *(f"loss_{t}" for t in TERMS))
+_SLOTS = ("energy_ae", "force_ae", "force_se", "force_cos", "stress_ae", *(f"loss_{t}" for t in TERMS),
+          "energy_total_ae", "ewt", "efwt")
 
 
 class PotentialMetrics(Metric):
@@ -28,7 +35,8 @@ class PotentialMetrics(Metric):
     State: ``sums`` and ``counts`` [K] float64, one entry per quantity, reduced by summation across processes.
 
     Args:
-        free_atoms_only: leave fixed atoms (``batch.fixed``) out of the force metrics.
+        free_atoms_only: leave fixed atoms (``batch.fixed``) out of the force metrics. EFwT never looks at fixed
+            atoms (OC20's definition); without fixed atoms that is every atom.
         loss_weights: weight of each loss term (``energy``, ``forces``, ``stress``) for the epoch's ``loss``.
     """
 
@@ -54,6 +62,7 @@ class PotentialMetrics(Metric):
         if bool(batch.has_energy.any()):
             m = batch.has_energy
             self._add("energy_ae", (out[keys.ENERGY][m] - batch.energy[m]).abs() / batch.num_atoms[m])
+            self._add_oc20(out, batch)
         if keys.FORCES in out:
             mask = batch.has_forces[batch.batch]
             if self.free_atoms_only:
@@ -73,6 +82,20 @@ class PotentialMetrics(Metric):
             self.sums[i] += total.detach().double()
             self.counts[i] += count.detach().double()
 
+    def _add_oc20(self, out: dict[str, torch.Tensor], batch) -> None:
+        """Energy error per structure, EwT and (for structures with energy and forces) EFwT."""
+        energy_ae = (out[keys.ENERGY] - batch.energy).abs().double()  # [B] eV, NaN where unlabelled
+        energy_ok = energy_ae < EWT_ENERGY
+        m = batch.has_energy
+        self._add("energy_total_ae", energy_ae[m])
+        self._add("ewt", energy_ok[m])
+        both = m & batch.has_forces
+        if keys.FORCES in out and bool(both.any()):
+            free = ~batch.fixed
+            worst = (out[keys.FORCES][free] - batch.forces[free]).abs().amax(dim=-1).double()
+            max_error = torch.zeros_like(energy_ae).scatter_reduce(0, batch.batch[free], worst, reduce="amax")
+            self._add("efwt", (energy_ok & (max_error < EFWT_FORCE))[both])
+
     def compute(self) -> dict[str, float]:
         """Epoch values; a quantity with no data is left out (``loss`` needs every weighted term present)."""
         sums, counts = self.sums.tolist(), self.counts.tolist()
@@ -84,6 +107,10 @@ class PotentialMetrics(Metric):
                 values[name] = mean[slot] * factor
         if "force_se" in mean:
             values["force_rmse"] = mean["force_se"] ** 0.5 * 1e3
+        for name, slot, factor in (("energy_total_mae", "energy_total_ae", 1e3), ("ewt", "ewt", 1.0),
+                                   ("efwt", "efwt", 1.0)):
+            if slot in mean:
+                values[name] = mean[slot] * factor
         terms = {t: mean[f"loss_{t}"] for t in TERMS if f"loss_{t}" in mean}
         for term, value in terms.items():
             values[f"loss_{term}"] = value
