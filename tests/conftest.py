@@ -45,3 +45,9 @@ def one_torch_thread():
 
     with single_thread():
         yield
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """A ``data_root`` shared by the tests that train in this session (the EMT set is generated once per size)."""
+    return tmp_path_factory.mktemp("data_root")

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from ase.calculators.singlepoint import SinglePointCalculator
-from hydra import compose, initialize_config_dir
 from torch_geometric.data import Batch
 
 from potentials.calculator import PotentialCalculator
@@ -25,8 +24,9 @@ from potentials.datasets import aselmdb
 from potentials.errors import PotentialsInputError
 from potentials.export import load
 from potentials.training.module import CHECKPOINT_FORMAT
-from potentials.training.run import _report_labels, build, register_resolvers, run
+from potentials.training.run import _report_labels, build, run
 from tests.tiny_model import random_model
+from tests.train_config import train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = ["model.channels=8", "model.num_layers=1"]
@@ -36,10 +36,7 @@ MPTRJ = "mptrj/mptrj_sample_11_frames.json"
 
 
 def _config(tmp_path: Path, *overrides: str):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[f"run_dir={tmp_path}", f"data_root={tmp_path / 'data'}", "logger=csv",
-                                           *SMALL_MODEL, *overrides])
+    return train_config(tmp_path, tmp_path / "data", "logger=csv", *SMALL_MODEL, *overrides)
 
 
 def _build(tmp_path: Path, *overrides: str):
@@ -80,6 +77,18 @@ def test_non_finite_label_names_file_frame_field(shared_data, tmp_path, frame, f
     where = rf"file 'frames.extxyz', frame {frame}, field '{field}'"
     with pytest.raises(PotentialsInputError, match=rf"{where}: value is not finite"):
         _build(tmp_path, *_as_ase_data(path))
+
+
+def test_non_finite_positions_name_the_frame(shared_data, tmp_path):
+    frames = _ethanol(shared_data)[:20]
+    frames[11].positions[4, 0] = np.nan
+    with pytest.raises(PotentialsInputError, match=r"frames.extxyz frame 11: positions or cell hold NaN or inf"):
+        _build(tmp_path, *_as_ase_data(_write(tmp_path, frames)))
+
+
+def test_missing_graph_store_is_named(tmp_path):
+    with pytest.raises(PotentialsInputError, match=r"data=store: graph store '.*nowhere' does not exist; build it"):
+        _build(tmp_path, "data=store", f"data.path={tmp_path / 'nowhere'}")
 
 
 def test_missing_forces_and_stress_are_left_out_of_the_loss_and_counted(shared_data, tmp_path, caplog):

@@ -18,7 +18,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch_geometric.data import Batch
 
 from potentials.datasets import emt
@@ -28,7 +27,8 @@ from potentials.models.egnn import EGNN
 from potentials.potential import Potential
 from potentials.training.launch import external_launch_overrides
 from potentials.training.loss import PotentialLoss
-from potentials.training.run import register_resolvers, run
+from potentials.training.run import run
+from tests.train_config import train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
@@ -42,19 +42,10 @@ TIMEOUT = 180
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
 def single(tmp_path_factory, data_root) -> Path:
     """The reference: one process, batch 4, trained in this process."""
     run_dir = tmp_path_factory.mktemp("single")
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"run_dir={run_dir}", f"data_root={data_root}", *SETTINGS,
-                                          "data.batch_size=4", "data.eval_batch_size=4"])
-    run(cfg)
+    run(train_config(run_dir, data_root, *SETTINGS, "data.batch_size=4", "data.eval_batch_size=4"))
     return run_dir
 
 

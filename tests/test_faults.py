@@ -16,13 +16,13 @@ import pandas as pd
 import pytest
 import torch
 import wandb
-from hydra import compose, initialize_config_dir
 
 from potentials.errors import PotentialsInputError
 from potentials.training import checkpointing
 from potentials.training.checkpointing import AtomicCheckpointIO, remove_stale_temporaries, resume_path
 from potentials.training.loggers import CSVLogger
-from potentials.training.run import register_resolvers, run
+from potentials.training.run import run
+from tests.train_config import train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # 13 training structures in batches of 2: 7 optimiser steps per epoch, 21 in all; last.ckpt every 2 steps
@@ -35,14 +35,7 @@ TOTAL_STEPS = 21
 
 
 def _config(run_dir: Path, data_root: Path, *overrides: str):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[f"run_dir={run_dir}", f"data_root={data_root}", *SETTINGS, *overrides])
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data")
+    return train_config(run_dir, data_root, *SETTINGS, *overrides)
 
 
 @pytest.fixture(scope="module")

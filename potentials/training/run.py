@@ -52,7 +52,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, PotentialModule]:
     except PotentialsInputError:
         raise
     except (ValueError, PermissionError, InstantiationException) as err:  # how the adapters report unusable input
-        raise PotentialsInputError(f"data={cfg.data.get('name', '?')}: {err}") from err
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ is not None else err
+        raise PotentialsInputError(f"data={cfg.data.get('name', '?')}: {cause}") from err
     with open_dict(cfg):
         cfg.data_stats = {**stats.to_dict(), "atomic_energies": {str(k): v for k, v in stats.atomic_energies.items()}}
     model = instantiate(cfg.model)
