@@ -32,7 +32,7 @@ from ase.constraints import dict2constraint
 from ase.db.core import now
 from ase.io.jsonio import decode
 
-from potentials.datasets.validate import InvalidRecordError, check_lmdb_complete, where
+from potentials.datasets.validate import InvalidRecordError, open_lmdb_file, where
 
 RESERVED_KEYS = (b"nextid", b"metadata", b"deleted_ids")
 #: Calculator results carried over to the SinglePointCalculator.
@@ -48,15 +48,9 @@ def iter_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any] | I
     Raises:
         ValueError: the file is not an LMDB environment, or its ``nextid`` entry is unreadable.
     """
-    import lmdb
-
     path = Path(path)
+    env = open_lmdb_file(path)
     try:
-        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False)
-    except lmdb.Error as exc:
-        raise ValueError(f"{where(path.name)}: cannot be opened as an LMDB file ({exc})") from None
-    try:
-        check_lmdb_complete(env, path, source=path.name)
         with env.begin(write=False) as txn:
             ids = _row_ids(txn, path.name)
             for row_id in ids:

@@ -44,6 +44,7 @@ from potentials.datasets.validate import (
     SkipReport,
     atomic_numbers_of,
     attach_labels,
+    catch_invalid,
     check_cell,
     check_finite,
     check_shape,
@@ -113,23 +114,14 @@ def read(
 def _read_json(path: Path, *, energy_key: str, skip: SkipReport, limit: int | None, progress: bool
                ) -> Iterator[Atoms]:
     source = path.name
-    n_yielded = 0
     with open(path, "rb") as raw, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=source,
                                        disable=not progress, leave=False) as bar, skip:
         counted = _CountingReader(raw, bar)
         opener = _OPENERS.get(path.suffix.lower())
         stream = opener(fileobj=counted) if opener else counted
-        for mp_id, frame_id, frame in iter_json_frames(stream, source):
-            try:
-                atoms = frame_to_atoms(frame, mp_id=mp_id, frame_id=frame_id, source=source, energy_key=energy_key)
-            except InvalidRecordError as err:
-                skip.handle(err)
-                continue
-            skip.ok()
-            n_yielded += 1
-            yield atoms
-            if limit is not None and n_yielded >= limit:
-                return
+        yield from skip.records((catch_invalid(frame_to_atoms, frame, mp_id=mp_id, frame_id=frame_id, source=source,
+                                               energy_key=energy_key)
+                                 for mp_id, frame_id, frame in iter_json_frames(stream, source)), limit)
 
 
 def iter_json_frames(stream: BinaryIO, source: str) -> Iterator[tuple[str, str, Any]]:
@@ -390,20 +382,10 @@ def _read_db(path: Path, *, energy_key: str, skip: SkipReport, limit: int | None
 
     source = path.name
     db = ase.db.connect(path, type="db")
-    n_yielded = 0
-    with skip, tqdm(total=db.count(), unit="frame", desc=source, disable=not progress, leave=False) as bar:
-        for row in db.select():
-            bar.update(1)
-            try:
-                atoms = row_to_atoms(row, source=source, energy_key=energy_key)
-            except InvalidRecordError as err:
-                skip.handle(err)
-                continue
-            skip.ok()
-            n_yielded += 1
-            yield atoms
-            if limit is not None and n_yielded >= limit:
-                return
+    with skip, tqdm(db.select(), total=db.count(), unit="frame", desc=source, disable=not progress,
+                    leave=False) as rows:
+        yield from skip.records((catch_invalid(row_to_atoms, row, source=source, energy_key=energy_key)
+                                 for row in rows), limit)
 
 
 def row_to_atoms(row: Any, *, source: str, energy_key: str = "corrected_total_energy") -> Atoms:

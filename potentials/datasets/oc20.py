@@ -34,6 +34,7 @@ import lzma
 import os
 import re
 from collections.abc import Iterator, Mapping
+from contextlib import closing
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -49,6 +50,7 @@ from potentials.datasets.validate import (
     SkipReport,
     atomic_numbers_of,
     attach_labels,
+    catch_invalid,
     check_cell,
     check_finite,
     check_shape,
@@ -116,19 +118,17 @@ def read(
 def _stream(path: Path, kind: str, files: list[Path], options: dict, skip: SkipReport, limit: int | None,
             progress: bool) -> Iterator[Atoms]:
     reader = {"s2ef": _read_pair, "traj": _read_trajectory, "lmdb": _read_lmdb, "aselmdb": _read_aselmdb}[kind]
-    n = 0
+    items = _each_file(files, reader, options)
     with skip, tqdm(unit="structure", desc=path.name, disable=not progress, leave=False) as bar:
-        for file in files:
-            for item in reader(file, **options):
-                if isinstance(item, InvalidRecordError):
-                    skip.handle(item)
-                    continue
-                skip.ok()
-                n += 1
-                bar.update(1)
-                yield item
-                if limit is not None and n >= limit:
-                    return
+        for atoms in skip.records(items, limit):
+            bar.update(1)
+            yield atoms
+
+
+def _each_file(files: list[Path], reader, options: dict) -> Iterator[Atoms | InvalidRecordError]:
+    for file in files:
+        with closing(reader(file, **options)) as records:
+            yield from records
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -300,7 +300,7 @@ def _read_trajectory(path: Path, *, task: str, referenced: bool, refs: dict | No
     frames = _trajectory_frames(path)
     if task != "is2re":
         for index, atoms in frames:
-            yield atoms if isinstance(atoms, InvalidRecordError) else _catch(
+            yield atoms if isinstance(atoms, InvalidRecordError) else catch_invalid(
                 _from_atoms, atoms, path.name, index, task="s2ef", ids={**ids, "fid": index}, ref=ref)
         return
     first = last = None
@@ -312,7 +312,7 @@ def _read_trajectory(path: Path, *, task: str, referenced: bool, refs: dict | No
     if first is None:
         yield InvalidRecordError(f"{where(path.name)}: empty trajectory", source=path.name, field="frames")
         return
-    yield _catch(_is2re_from_frames, first, last, path.name, ids, ref)
+    yield catch_invalid(_is2re_from_frames, first, last, path.name, ids, ref)
 
 
 def _trajectory_frames(path: Path) -> Iterator[tuple[int, Atoms | InvalidRecordError]]:
@@ -321,8 +321,10 @@ def _trajectory_frames(path: Path) -> Iterator[tuple[int, Atoms | InvalidRecordE
         return
     with _open_text(path) as fh:
         for index, text in _xyz_frames(fh, path.name):
-            yield index, text if isinstance(text, InvalidRecordError) else _catch(_parse_frame, text, path.name,
-                                                                                  index)
+            if isinstance(text, InvalidRecordError):
+                yield index, text
+            else:
+                yield index, catch_invalid(_parse_frame, text, path.name, index)
 
 
 def _is2re_from_frames(first: tuple[int, Atoms], last: tuple[int, Atoms], source: str, ids: dict,
@@ -342,8 +344,8 @@ def _is2re_from_frames(first: tuple[int, Atoms], last: tuple[int, Atoms], source
 
 def _read_lmdb(path: Path, *, task: str, trusted: bool, **_: Any) -> Iterator[Atoms | InvalidRecordError]:
     for index, fields in pyg_lmdb.iter_records(path, trusted=trusted):
-        yield fields if isinstance(fields, InvalidRecordError) else _catch(_from_fields, fields, path.name, index,
-                                                                             task)
+        yield fields if isinstance(fields, InvalidRecordError) else catch_invalid(_from_fields, fields, path.name,
+                                                                                    index, task)
 
 
 def _from_fields(f: dict[str, Any], source: str, index: int, task: str) -> Atoms:
@@ -394,19 +396,11 @@ def _read_aselmdb(path: Path, *, task: str, referenced: bool, **_: Any) -> Itera
         meta = {**atoms.info.pop("data", {}), **{k: v for k, v in atoms.info.items()}}
         ids = {k: _scalar_id(meta[k]) for k in ("sid", "fid") if k in meta}
         ref = meta.get("ref_energy") if referenced else None
-        yield _catch(_from_atoms, atoms, path.name, row_id, task="s2ef", ids=ids,
+        yield catch_invalid(_from_atoms, atoms, path.name, row_id, task="s2ef", ids=ids,
                      ref=None if ref is None else float(ref))
 
 
 # ------------------------------------------------------------------------------------------------ assembly
-
-
-def _catch(fn, *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``, or the ``InvalidRecordError`` it raised (so the stream can skip that record)."""
-    try:
-        return fn(*args, **kwargs)
-    except InvalidRecordError as err:
-        return err
 
 
 def _result(atoms: Atoms, key: str, source: str, index: int) -> Any:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from potentials.datasets.validate import InvalidRecordError, check_lmdb_complete, where
+from potentials.datasets.validate import InvalidRecordError, open_lmdb_file, where
 
 #: Key of the record count in older files.
 LENGTH_KEY = b"length"
@@ -86,16 +86,10 @@ def iter_records(path: str | os.PathLike, *, trusted: bool = False) -> Iterator[
         UntrustedPickleError: ``trusted`` is False.
         ValueError: the file is not an LMDB environment, or a key ``0 … N-1`` is missing.
     """
-    import lmdb
-
     path = Path(path)
     check_trusted(path, trusted)
+    env = open_lmdb_file(path)
     try:
-        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False)
-    except lmdb.Error as exc:
-        raise ValueError(f"{where(path.name)}: cannot be opened as an LMDB file ({exc})") from None
-    try:
-        check_lmdb_complete(env, path, source=path.name)
         with env.begin(write=False) as txn:
             raw_length = txn.get(LENGTH_KEY)
             n = (pickle.loads(raw_length) if raw_length is not None  # noqa: S301 - trusted=True was given

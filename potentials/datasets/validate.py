@@ -10,8 +10,9 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ase import Atoms, units
@@ -209,6 +210,14 @@ def atomic_numbers_of(symbols: Sequence[str | int], *, source: str, record: int 
     return numbers
 
 
+def catch_invalid(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, or the :class:`InvalidRecordError` it raised (so a stream can skip that record)."""
+    try:
+        return fn(*args, **kwargs)
+    except InvalidRecordError as err:
+        return err
+
+
 class SkipReport:
     """Counts, logs and lists the records of one input that were skipped as invalid (``skip_invalid=True``).
 
@@ -243,6 +252,28 @@ class SkipReport:
     def ok(self) -> None:
         """Count one record that was read without error."""
         self.n_records += 1
+
+    def records(self, items: Iterable[Any], limit: int | None = None) -> Iterator[Any]:
+        """The items that are not :class:`InvalidRecordError` (those go to :meth:`handle`), at most ``limit``.
+
+        ``items`` is closed when this stops early (limit, error, or the consumer closing it), so the files and LMDB
+        environments it holds are released at once.
+        """
+        n = 0
+        try:
+            for item in items:
+                if isinstance(item, InvalidRecordError):
+                    self.handle(item)
+                    continue
+                self.ok()
+                n += 1
+                yield item
+                if limit is not None and n >= limit:
+                    return
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
     def handle(self, error: ValueError, source: str | None = None, record: int | str | None = None) -> None:
         """Re-raise ``error`` unless skipping is on; otherwise count it, log it and add it to the report."""
@@ -293,3 +324,23 @@ def check_lmdb_complete(env, file: str | os.PathLike, *, source: str) -> None:
         raise PotentialsInputError(
             f"{where(source)}: the LMDB file is truncated ({size} bytes, its pages need {needed}); "
             "copy or download it again")
+
+
+def open_lmdb_file(path: Path) -> Any:
+    """Open the single-file LMDB environment ``path`` read-only (no lock file), checked for truncation.
+
+    Raises:
+        PotentialsInputError: the file is not an LMDB environment, or it is truncated.
+    """
+    import lmdb
+
+    try:
+        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False)
+    except lmdb.Error as exc:
+        raise PotentialsInputError(f"{where(path.name)}: cannot be opened as an LMDB file ({exc})") from None
+    try:
+        check_lmdb_complete(env, path, source=path.name)
+    except PotentialsInputError:
+        env.close()
+        raise
+    return env
