@@ -23,13 +23,7 @@ AXES = torch.tensor(
 )
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """e3nn builds its reference Wigner matrices in the default dtype; float64 keeps them exact."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _vectors(n: int = 64, seed: int = 0) -> torch.Tensor:

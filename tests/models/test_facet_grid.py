@@ -7,21 +7,13 @@ import torch
 from e3nn import o3
 
 from potentials.models.facet.grid import SphereGridActivation, default_resolution, grid_matrices, sphere_grid
+from tests.models.reference import e3nn_wigner
 
 H = 16
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """e3nn builds Wigner matrices in the default dtype; float64 keeps the reference exact."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
-
-def _wigner(lmax: int, rot: torch.Tensor) -> torch.Tensor:
-    return torch.block_diag(*[o3.Irrep(l, (-1) ** l).D_from_matrix(rot) for l in range(lmax + 1)])
 
 
 def _rotation_error(layer: SphereGridActivation, rotations: int = 10, seed: int = 0) -> float:
@@ -30,7 +22,7 @@ def _rotation_error(layer: SphereGridActivation, rotations: int = 10, seed: int 
     x = torch.randn(32, (layer.lmax + 1) ** 2, H, generator=gen, dtype=torch.float64)
     worst = 0.0
     for _ in range(rotations):
-        d = _wigner(layer.lmax, o3.rand_matrix(dtype=torch.float64))
+        d = e3nn_wigner(layer.lmax, o3.rand_matrix(dtype=torch.float64))
         ref = d @ layer(x)
         worst = max(worst, ((layer(d @ x) - ref).norm() / ref.norm()).item())
     return worst

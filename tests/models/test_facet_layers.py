@@ -10,22 +10,13 @@ from e3nn.nn import Gate as E3nnGate
 
 from potentials.models.facet.irreps import Gate, IrrepsLinear, l_slice
 from potentials.models.facet.tensor_product import EdgeTensorProduct
+from tests.models.reference import e3nn_wigner
 
 E, C = 40, 5
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """e3nn builds Wigner matrices in the default dtype; float64 keeps the reference exact."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
-
-def _wigner(lmax: int, rot: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal D(R) over l = 0..lmax with natural parity (det R)^l, [D, D]."""
-    return torch.block_diag(*[o3.Irrep(l, (-1) ** l).D_from_matrix(rot) for l in range(lmax + 1)])
 
 
 def _sh(vec: torch.Tensor, lmax: int) -> list[torch.Tensor]:
@@ -79,7 +70,7 @@ def test_tensor_product_is_o3_equivariant():
     weights = [torch.randn(E, C, dtype=torch.float64) for _ in tp.paths]
     ref = tp(_split(x, 2), _sh(vec, 2), weights)
     for rot in (o3.rand_matrix(dtype=torch.float64), -o3.rand_matrix(dtype=torch.float64)):  # with inversion
-        out = tp(_split(_wigner(2, rot) @ x, 2), _sh(vec @ rot.T, 2), weights)
+        out = tp(_split(e3nn_wigner(2, rot) @ x, 2), _sh(vec @ rot.T, 2), weights)
         for (_, _, l3), a, b in zip(tp.paths, out, ref, strict=True):
             d = o3.Irrep(l3, (-1) ** l3).D_from_matrix(rot)
             torch.testing.assert_close(a, d @ b, rtol=0, atol=1e-12)
@@ -107,6 +98,6 @@ def test_irreps_linear_is_equivariant_and_rejects_wrong_shape():
     lin = IrrepsLinear(2, C, 7).double()
     x = torch.randn(6, 9, C, dtype=torch.float64)
     rot = o3.rand_matrix(dtype=torch.float64)
-    torch.testing.assert_close(lin(_wigner(2, rot) @ x), _wigner(2, rot) @ lin(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(lin(e3nn_wigner(2, rot) @ x), e3nn_wigner(2, rot) @ lin(x), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="expects 9 components"):
         lin(torch.randn(6, 4, C, dtype=torch.float64))
