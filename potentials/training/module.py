@@ -143,6 +143,9 @@ class PotentialModule(L.LightningModule):
             e.copy_(b)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # logged rows reach the disk before the checkpoint does: a kill right after the checkpoint loses none
+        for logger in self.loggers:
+            logger.save()
         checkpoint["potentials"] = {"checkpoint_format": CHECKPOINT_FORMAT, "package_version": __version__,
                                     "cutoff": self.potential.cutoff}
 
