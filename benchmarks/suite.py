@@ -46,6 +46,7 @@ OURS_MODELS: dict[str, dict] = {
     "egnn-64": {"_target_": "potentials.models.egnn.EGNN", "cutoff": CUTOFF, "channels": 64, "num_layers": 3},
     "eqv2-64-l2": _EQV2,
     "eqv2-64-l2-gate": {**_EQV2, "use_gate_act": True, "use_grid_mlp": False},
+    "eqv2-64-l2-gate-gridffn": {**_EQV2, "use_gate_act": True},  # eSCN-MD's choice: gated messages, grid FFN
     "facet-64": {**_FACET, "channels": 64},
     "facet-128": {**_FACET, "channels": 128},
     "facet-64-mlp": {**_FACET, "channels": 64, "radial": "mlp"},
