@@ -51,6 +51,7 @@ class PotentialCalculator(Calculator):
         batch = Batch.from_data_list([graph]).to(self.device)
         want_stress = bool(np.all(atoms.pbc))  # cheap beside forces, and saves a second call
         if "stress" in properties and not want_stress:
+            # ASE's own signal for a property a calculator cannot provide (callers such as filters catch it)
             from ase.calculators.calculator import PropertyNotImplementedError
 
             raise PropertyNotImplementedError("stress is defined only for structures periodic in all directions")

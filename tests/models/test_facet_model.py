@@ -18,7 +18,7 @@ from potentials.models.facet import Facet
 from potentials.models.facet.radial import BesselMLPRadial, SplineRadial
 from potentials.potential import Potential
 from tests.test_model_contract import _bulk as _alloy
-from tests.test_model_contract import _molecule
+from tests.test_model_contract import _molecule, _rotated
 
 CUTOFF = 4.0
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
@@ -38,13 +38,6 @@ def _evaluate(model: Facet, atoms: ase.Atoms) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in out.items()}
 
 
-def _transformed(atoms: ase.Atoms, matrix: np.ndarray) -> ase.Atoms:
-    out = atoms.copy()
-    out.positions = atoms.positions @ matrix.T
-    if atoms.pbc.any():
-        out.set_cell(atoms.cell.array @ matrix.T, scale_atoms=False)
-    return out
-
 
 @pytest.mark.parametrize("radial,self_interaction", VARIANTS)
 def test_rotation_and_inversion(radial, self_interaction):
@@ -59,7 +52,7 @@ def test_rotation_and_inversion(radial, self_interaction):
         for seed in range(2):
             rot = Rotation.random(random_state=seed).as_matrix()
             for matrix, tol in ((rot, 1e-12 if exact else 1e-4), (-rot, 1e-12 if exact else 1e-4), (-np.eye(3), 1e-12)):
-                out = _evaluate(model, _transformed(atoms, matrix))
+                out = _evaluate(model, _rotated(atoms, matrix))
                 np.testing.assert_allclose(out["energy"], ref["energy"], rtol=1e-12 if exact else 1e-7)
                 np.testing.assert_allclose(out["forces"], ref["forces"] @ matrix.T, atol=tol * f_scale)
                 if atoms.pbc.all():
@@ -75,7 +68,7 @@ def test_lmax1_default_grid_force_error_is_small():
     worst = 0.0
     for seed in range(4):
         rot = Rotation.random(random_state=10 + seed).as_matrix()
-        out = _evaluate(model, _transformed(atoms, rot))
+        out = _evaluate(model, _rotated(atoms, rot))
         worst = max(worst, np.abs(out["forces"] - ref["forces"] @ rot.T).max() / np.abs(ref["forces"]).max())
     assert worst < 1e-4
 
