@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,8 +106,13 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_checkpoint(tmp
     _finish_and_compare(run_dir, data_root, uninterrupted)
 
 
-def test_kill_between_checkpoints_mid_epoch_resumes_without_losing_steps(tmp_path, data_root, uninterrupted):
-    """SIGKILL while training, right after the second mid-epoch checkpoint (step 4 of 7 in the first epoch)."""
+@pytest.mark.parametrize("row_written", [True, False], ids=["row-written", "row-not-written"])
+def test_kill_between_checkpoints_mid_epoch_resumes_without_losing_steps(tmp_path, data_root, uninterrupted,
+                                                                         row_written):
+    """SIGKILL while training, right after the second mid-epoch checkpoint (step 4 of 7 in the first epoch).
+
+    Lightning writes the row of step 3 just after that checkpoint; ``row-not-written`` removes it from
+    ``metrics.csv``, as a kill in the instant between the two leaves it, and the resumed run must put it back."""
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
     proc = _start(run_dir, data_root, pause=1.0)  # slow checkpoint writes so that training outlives the polling
@@ -115,6 +121,12 @@ def test_kill_between_checkpoints_mid_epoch_resumes_without_losing_steps(tmp_pat
     _wait_for(lambda: last.stat().st_mtime_ns != first, proc)
     _kill(proc)
     assert _step(last) == 4
+    metrics = run_dir / "csv" / "metrics.csv"
+    frame = pd.read_csv(metrics)
+    if not row_written:
+        frame = frame[~((frame["step"] == 3) & frame["train/loss_step"].notna())]
+        frame.to_csv(metrics, index=False)
+        assert 3 not in frame.dropna(subset=["train/loss_step"])["step"].tolist()
     _finish_and_compare(run_dir, data_root, uninterrupted)
 
 
@@ -141,7 +153,9 @@ def test_wandb_run_continues_with_the_same_id(tmp_path, data_root, monkeypatch):
         wandb.finish()  # as when train.py exits
     run_id = (tmp_path / "wandb_run_id.txt").read_text().strip()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(run_id) == 8 and len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
+    # W&B names a run folder offline-run-<time>-<id>, adding -1 when both attempts start within one second
+    pattern = rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?"
+    assert len(run_id) == 8 and len(runs) == 2 and all(re.fullmatch(pattern, r.name) for r in runs), runs
     assert _step(tmp_path / "checkpoints" / "last.ckpt") == 14  # the second run resumed, not restarted
 
 

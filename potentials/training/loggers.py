@@ -60,6 +60,19 @@ class _ResumingWriter(ExperimentWriter):
                 self._merge_held(step, set(metrics_dict))
         super().log_metrics(metrics_dict, step)
 
+    def restore_row(self, metrics: dict[str, float], step: int) -> None:
+        """Put back a row the previous run logged after its last checkpoint but may not have written."""
+        if self._previous is None:
+            return
+        keys = [k for k in metrics if k != "epoch"]
+        if any(_step(row) == step and any(row.get(k) not in (None, "") for k in keys) for row in self._previous):
+            return  # it reached the disk
+        row = {k: str(v) for k, v in metrics.items()}
+        row["step"] = str(step)
+        self.metrics_keys += [k for k in row if k not in self.metrics_keys]
+        at = max((i + 1 for i, r in enumerate(self._previous) if _step(r) <= step), default=0)
+        self._previous.insert(at, row)
+
     def _truncate(self, step: int) -> None:
         """Keep the earlier rows logged before ``step``; hold those at ``step`` until it is known which recur."""
         rows, self._previous = self._previous or [], None
@@ -101,6 +114,11 @@ class CSVLogger(_LightningCSVLogger):
     @rank_zero_only
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         self.save()
+
+    @rank_zero_only
+    def restore_row(self, metrics: dict[str, float], step: int) -> None:
+        """Put back ``metrics`` at ``step`` unless ``metrics.csv`` already holds them (see :class:`_ResumingWriter`)."""
+        self.experiment.restore_row(metrics, step)
 
     @property
     @rank_zero_experiment

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Timer
 from potentials import __version__, keys
 from potentials.errors import PotentialsInputError
 from potentials.potential import Potential
+from potentials.training.loggers import CSVLogger
 from potentials.training.loss import PotentialLoss
 from potentials.training.metrics import PotentialMetrics
 
@@ -94,9 +95,25 @@ class PotentialModule(L.LightningModule):
             return None
         loss = self.loss_fn.combine(terms, self._global_counts(terms))["total"]
         # mean over processes of the per-process losses = the loss of the global batch
-        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, sync_dist=True, prog_bar=True,
-                 batch_size=batch.num_graphs)
+        logged = loss.detach()
+        if self._trainer is None:
+            return loss
+        if self.trainer.world_size > 1:
+            logged = self.trainer.strategy.reduce(logged.clone(), reduce_op="mean")
+        self.log("train/loss_step", logged, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch.num_graphs)
+        if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:  # Lightning logs this step's row
+            self._unlogged_row = (self.global_step, self.current_epoch, logged)
         return loss
+
+    # Lightning writes a step's logged row after on_train_batch_end, where mid-epoch checkpoints are taken. The
+    # checkpoint carries that row, so a run killed between the checkpoint and the row's write still gets it back.
+    _unlogged_row: tuple[int, int, torch.Tensor] | None = None
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._unlogged_row = None  # the previous step's row has been handed to the loggers
+
+    def on_validation_start(self) -> None:
+        self._unlogged_row = None
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(self.potential, batch, "train", train=True)
@@ -118,6 +135,7 @@ class PotentialModule(L.LightningModule):
         metric.reset()
 
     def on_train_epoch_end(self) -> None:
+        self._unlogged_row = None
         self._log_epoch_metrics("train")
 
     def on_validation_epoch_end(self) -> None:
@@ -148,6 +166,10 @@ class PotentialModule(L.LightningModule):
             logger.save()
         checkpoint["potentials"] = {"checkpoint_format": CHECKPOINT_FORMAT, "package_version": __version__,
                                     "cutoff": self.potential.cutoff}
+        if self._unlogged_row is not None:
+            step, epoch, value = self._unlogged_row
+            checkpoint["potentials"]["unlogged_row"] = {"step": step,
+                                                        "metrics": {"epoch": epoch, "train/loss_step": float(value)}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with a clear message, checkpoints of a newer format, another cutoff or another model."""
@@ -174,6 +196,11 @@ class PotentialModule(L.LightningModule):
             raise PotentialsInputError(
                 f"{source} holds a different model than the config describes ({shown}). Resume with the model "
                 "options it was trained with, or start afresh with resume=never.")
+        row = meta.get("unlogged_row")
+        if row is not None:
+            for logger in self.loggers:
+                if isinstance(logger, CSVLogger):
+                    logger.restore_row(row["metrics"], row["step"])
     def configure_optimizers(self):
         hp = self.hp
         decay, no_decay = [], []
