@@ -21,13 +21,18 @@ MACE_MODELS: dict[str, dict] = {
 }
 
 #: fairchem eSCNMDBackbone, 2 layers as MACE's 2 interactions: MLP_EFS_Head (conservative forces and stress)
-#: or, for "direct", MLP_Energy_Head + Linear_Force_Head (forces from the network, no stress).
+#: or, for "direct", MLP_Energy_Head + Linear_Force_Head (forces from the network, no stress). Its defaults: gate
+#: activation in the messages, S² grid feed-forward network, grids of 2(lmax+1) × (2mmax+3) points.
 FAIRCHEM_MODELS: dict[str, dict] = {
     "escn-md-64-l2": {"sphere_channels": 64, "hidden_channels": 64, "edge_channels": 64, "num_distance_basis": 64,
                       "lmax": 2, "mmax": 2, "num_layers": 2, "cutoff": CUTOFF, "forces": "conservative"},
     "escn-md-128-l2": {"sphere_channels": 128, "hidden_channels": 128, "edge_channels": 128,
                        "num_distance_basis": 128, "lmax": 2, "mmax": 2, "num_layers": 2, "cutoff": CUTOFF,
                        "forces": "conservative"},
+    # eSCN-MD with EquiformerV2's separable S² activation in its messages instead of its default gate
+    "escn-md-64-l2-s2": {"sphere_channels": 64, "hidden_channels": 64, "edge_channels": 64, "num_distance_basis": 64,
+                         "lmax": 2, "mmax": 2, "num_layers": 2, "cutoff": CUTOFF, "forces": "conservative",
+                         "act_type": "s2"},
     "escn-md-64-l2-direct": {"sphere_channels": 64, "hidden_channels": 64, "edge_channels": 64,
                              "num_distance_basis": 64, "lmax": 2, "mmax": 2, "num_layers": 2, "cutoff": CUTOFF,
                              "forces": "direct"},

@@ -5,7 +5,7 @@ Request keys (JSON):
     structures: [{"name": str, "path": extxyz, "batch_size": int (train_step, default 1)}]
     model: {"sphere_channels": 64, "hidden_channels": 64, "edge_channels": 64, "num_distance_basis": 64,
             "lmax": 2, "mmax": 2, "num_layers": 2, "cutoff": 5.0, "max_neighbors": 300,
-            "forces": "conservative" | "direct"}
+            "forces": "conservative" | "direct", "act_type": "gate" | "s2", "ff_type": "grid" | "spectral"}
     dtype, threads, warmup, steps, seed: as for every worker.
 
 The model is ``fairchem.core.models.uma.escn_md.eSCNMDBackbone`` (the UMA backbone without mixture of
@@ -31,7 +31,7 @@ from fairchem.core.models.uma.escn_md import (
 VERSIONS = ("fairchem-core", "torch", "e3nn", "ase", "numpy")
 DEFAULTS = {"sphere_channels": 64, "hidden_channels": 64, "edge_channels": 64, "num_distance_basis": 64,
             "lmax": 2, "mmax": 2, "num_layers": 2, "cutoff": 5.0, "max_neighbors": 300,
-            "forces": "conservative"}
+            "forces": "conservative", "act_type": "gate", "ff_type": "grid"}
 
 
 class EnergyForceModel(torch.nn.Module):
@@ -50,6 +50,8 @@ class EnergyForceModel(torch.nn.Module):
             lmax=int(cfg["lmax"]),
             mmax=int(cfg["mmax"]),
             num_layers=int(cfg["num_layers"]),
+            act_type=str(cfg["act_type"]),
+            ff_type=str(cfg["ff_type"]),
             cutoff=float(cfg["cutoff"]),
             max_neighbors=int(cfg["max_neighbors"]),
             otf_graph=True,

@@ -127,12 +127,17 @@ def test_model_is_equivariant_to_round_off_without_grid_error(variant):
     assert err_e < 1e-12 and err_f < 1e-9 and err_s < 1e-9
 
 
-def test_chunked_grid_silu_gradients_and_second_derivatives():
+def test_chunked_grid_silu_gradients_and_second_derivatives(monkeypatch):
     """The chunked activation (grid values recomputed in the backward pass) against the plain composition."""
     grid = S2Grid(3, EdgeLayout(3, 2).full_index, 4, 10)
     synthesis, analysis = grid.to_grid_mat, grid.from_grid_mat[1:]
+    monkeypatch.setattr(GridSiLU, "CHUNK_VALUES", 5 * synthesis.shape[0])  # 21 rows in chunks of 5, the last short
     x = torch.randn(7, synthesis.shape[1], 3, dtype=torch.float64, requires_grad=True)
     plain = torch.matmul(analysis, torch.nn.functional.silu(torch.matmul(synthesis, x)))
-    torch.testing.assert_close(GridSiLU.apply(x, synthesis, analysis, 3), plain)
-    assert torch.autograd.gradcheck(lambda t: GridSiLU.apply(t, synthesis, analysis, 3), (x,))
-    assert torch.autograd.gradgradcheck(lambda t: GridSiLU.apply(t, synthesis, analysis, 3), (x,))
+    torch.testing.assert_close(GridSiLU.apply(x, synthesis, analysis), plain)
+    grad = torch.randn_like(plain)
+    (expected,) = torch.autograd.grad(plain, x, grad)
+    (chunked,) = torch.autograd.grad(GridSiLU.apply(x, synthesis, analysis), x, grad)  # the chunked backward
+    torch.testing.assert_close(chunked, expected)
+    assert torch.autograd.gradcheck(lambda t: GridSiLU.apply(t, synthesis, analysis), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: GridSiLU.apply(t, synthesis, analysis), (x,))
