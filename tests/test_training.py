@@ -108,3 +108,14 @@ def test_resume_continues_from_last_checkpoint(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3 * steps_per_epoch
     assert "ema" in "".join(ckpt["state_dict"])  # EMA weights travel with the checkpoint
+
+
+def test_summary_aligns_the_test_metrics(capsys):
+    from potentials.training.report import print_summary
+
+    print_summary({"run_dir": "outputs/x", "num_parameters": 1234,
+                   "test": {"test/force_mae": 12.5, "test/energy_total_mae": 3.25, "test/ewt": 0.5, "epoch": 3}})
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ") and "mae" in line
+            or line.strip().startswith("ewt")]
+    assert len(rows) == 3
+    assert len({row.index(".") for row in rows}) == 1  # the decimal points line up

@@ -8,9 +8,9 @@ is set last, after the data is synced to disk.
 
 Every frame is checked before it is stored: atomic numbers in 1..118, finite positions, cell and labels (with
 :mod:`potentials.datasets.validate`), forces of shape [N, 3], no two atoms closer than
-:data:`MIN_DISTANCE`. A bad frame stops the conversion with an error naming file, frame and field (what was
-converted before it is kept, and a rerun resumes), or, with ``skip_invalid``, is left out, counted and listed
-in the manifest.
+:data:`potentials.graph.MIN_DISTANCE`. A bad frame stops the conversion with an error naming file, frame and
+field (what was converted before it is kept, and a rerun resumes), or, with ``skip_invalid``, is left out,
+counted and listed in the manifest.
 """
 
 from __future__ import annotations
@@ -52,8 +52,6 @@ from potentials.graph import AtomicGraph
 
 log = logging.getLogger(__name__)
 
-#: Two atoms closer than this (Å) make a frame invalid (duplicated atoms give zero-length edges).
-MIN_DISTANCE = 0.1
 #: Skipped frames listed one by one in the manifest (all are counted).
 MAX_LISTED_SKIPS = 1000
 _PROGRESS = b"progress"
@@ -344,7 +342,7 @@ def _prepare(item: tuple[int, Atoms], *, cutoff: float, float_bytes: int, edges:
         check_frame(atoms, source=source, record=frame)
         graph = AtomicGraph.from_atoms(atoms, cutoff, dtype=torch.float64)
         graph.validate(where(source, frame))
-        _check_distances(graph, source, frame)
+        graph.check_distances(where(source, frame))
         out["record"] = encode_record(graph, float_bytes, edges)
     except ValueError as err:
         out["error"] = str(err)
@@ -372,17 +370,6 @@ def check_frame(atoms: Atoms, *, source: str, record: int | str) -> None:
         if field == "stress":
             value = as_voigt_stress(value, source=source, record=record)
         check_finite(np.reshape(value, (1, -1)), source=source, field=field, frame_ids=[record])
-
-
-def _check_distances(graph: AtomicGraph, source: str, record: int | str) -> None:
-    """Raise ``ValueError`` if two atoms (or an atom and an image) are closer than :data:`MIN_DISTANCE`."""
-    j, i = graph.edge_index.numpy()
-    pos, cell = graph.pos.numpy(), graph.cell.numpy()[0]
-    dist = np.linalg.norm(pos[j] + graph.cell_offsets.numpy() @ cell - pos[i], axis=1)
-    if dist.size and dist.min() < MIN_DISTANCE:
-        e = int(dist.argmin())
-        raise ValueError(f"{where(source, record, 'positions')}: atoms {i[e]} and {j[e]} are {dist[e]:.3g} Å apart "
-                         f"(less than {MIN_DISTANCE} Å); duplicated atoms?")
 
 
 def conversion_progress(out: str | os.PathLike) -> dict[str, Any] | None:

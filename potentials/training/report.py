@@ -39,10 +39,10 @@ def print_summary(summary: dict[str, Any]) -> None:
     test = summary.get("test") or {}
     if test:
         lines.append("test split (EMA weights of the best checkpoint):")
-        for key, value in test.items():
-            name = key.split("/")[-1]
-            if name in UNITS:
-                lines.append(f"  {name:<12} {value:12.4f} {UNITS[name]}")
+        shown = [(key.split("/")[-1], value) for key, value in test.items() if key.split("/")[-1] in UNITS]
+        width = max((len(name) for name, _ in shown), default=0)
+        for name, value in shown:
+            lines.append(f"  {name:<{width}} {value:12.4f} {UNITS[name]}")
         if "test/force_mae" in test and np.isfinite(test.get("force_rms_meV_per_A", np.nan)):
             ratio = test["test/force_mae"] / test["force_rms_meV_per_A"]
             lines.append(f"  force MAE / force RMS of the test set = {ratio:.3f}")
