@@ -13,7 +13,7 @@ from torch_geometric.data import Batch
 
 from potentials.graph import AtomicGraph
 from potentials.models.equiformer import EquiformerV2
-from potentials.models.equiformer.grid import GridSiLU, S2Grid, SeparableS2Activation
+from potentials.models.equiformer.grid import GridMLPCore, GridSiLU, S2Grid, SeparableS2Activation
 from potentials.models.equiformer.so3 import EdgeLayout, num_coefficients, wigner_blocks, wigner_cg_tables
 from potentials.nn.sphere_grid import sphere_grid
 from potentials.potential import Potential
@@ -141,3 +141,26 @@ def test_chunked_grid_silu_gradients_and_second_derivatives(monkeypatch):
     torch.testing.assert_close(chunked, expected)
     assert torch.autograd.gradcheck(lambda t: GridSiLU.apply(t, synthesis, analysis), (x,))
     assert torch.autograd.gradgradcheck(lambda t: GridSiLU.apply(t, synthesis, analysis), (x,))
+
+
+def test_chunked_grid_mlp_gradients_and_second_derivatives(monkeypatch):
+    """The grid MLP's chunked core (grid values recomputed in the backward pass) against the plain composition."""
+    grid = S2Grid(2, torch.arange(9), 3, 6)
+    synthesis, analysis = grid.to_grid_mat, grid.from_grid_mat[1:]
+    monkeypatch.setattr(GridSiLU, "CHUNK_VALUES", 2 * synthesis.shape[0] * 4)  # 5 nodes in chunks of 2
+    h = torch.randn(5, 9, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+
+    def plain(h, weight):
+        values = torch.nn.functional.silu(torch.nn.functional.silu(torch.matmul(synthesis, h)) @ weight.T)
+        return torch.matmul(analysis, values)
+
+    expected = plain(h, weight)
+    torch.testing.assert_close(GridMLPCore.apply(h, synthesis, analysis, weight), expected)
+    grad = torch.randn_like(expected)
+    want = torch.autograd.grad(expected, (h, weight), grad)
+    got = torch.autograd.grad(GridMLPCore.apply(h, synthesis, analysis, weight), (h, weight), grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda t, w: GridMLPCore.apply(t, synthesis, analysis, w), (h, weight))
+    assert torch.autograd.gradgradcheck(lambda t, w: GridMLPCore.apply(t, synthesis, analysis, w), (h, weight))

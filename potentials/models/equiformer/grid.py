@@ -146,6 +146,67 @@ class SeparableS2Activation(nn.Module):
         return torch.cat([self.act(scalars).unsqueeze(1), higher], dim=1)
 
 
+class GridMLPCore(torch.autograd.Function):
+    """out[b] = A · SiLU(SiLU(S · h[b]) · Wᵀ) for h [B, K, C]: the grid part of :class:`GridMLP`.
+
+    The grid values are laid out grid-point-major ([G, B·C] for the projections, [G·B, C] for the weight W), so
+    every step is one large matrix product, and they are made chunk by chunk over B, so that no [B, G, C] tensor
+    exists at once; the backward pass recomputes them per chunk.  As in :class:`GridSiLU`, a backward pass that
+    must itself be differentiable is written in ordinary differentiable operations.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, synthesis: torch.Tensor, analysis: torch.Tensor, weight: torch.Tensor
+                ) -> torch.Tensor:
+        n, k, c = h.shape
+        ht = h.transpose(0, 1).contiguous()  # [K, B, C]
+        ctx.save_for_backward(h, ht, synthesis, analysis, weight)
+        out = h.new_empty(analysis.shape[0], n, c)
+        weight_t = weight.T
+        for start, stop in _node_chunks(n, synthesis.shape[0] * c):
+            u = torch.mm(synthesis, ht[:, start:stop].reshape(k, -1)).view(-1, c)
+            v = nn.functional.silu(torch.mm(nn.functional.silu(u, inplace=True), weight_t), inplace=True)
+            out[:, start:stop] = torch.mm(analysis, v.view(synthesis.shape[0], -1)).view(-1, stop - start, c)
+        return out.transpose(0, 1).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, ht, synthesis, analysis, weight = ctx.saved_tensors
+        n, k, c = h.shape
+        g = synthesis.shape[0]
+        if torch.is_grad_enabled():  # a graph of this backward pass is being built: differentiable operations only
+            u = torch.mm(synthesis, h.transpose(0, 1).reshape(k, n * c)).view(-1, c)
+            a = nn.functional.silu(u)
+            pre = torch.mm(a, weight.T)
+            grad_v = torch.mm(analysis.T, grad.transpose(0, 1).reshape(-1, n * c)).view(-1, c)
+            sig = torch.sigmoid(pre)
+            grad_pre = grad_v * sig * (1.0 + pre * (1.0 - sig))
+            grad_weight = torch.mm(grad_pre.T, a)
+            sig_u = torch.sigmoid(u)
+            grad_u = torch.mm(grad_pre, weight) * sig_u * (1.0 + u * (1.0 - sig_u))
+            grad_h = torch.mm(synthesis.T, grad_u.view(g, n * c)).view(k, n, c).transpose(0, 1)
+            return grad_h, None, None, grad_weight
+        gt = grad.transpose(0, 1).contiguous()  # [K', B, C]
+        grad_ht = h.new_empty(k, n, c)
+        grad_weight = torch.zeros_like(weight)
+        for start, stop in _node_chunks(n, g * c):
+            u = torch.mm(synthesis, ht[:, start:stop].reshape(k, -1)).view(-1, c)
+            a = nn.functional.silu(u)
+            pre = torch.mm(a, weight.T)
+            grad_v = torch.mm(analysis.T, gt[:, start:stop].reshape(analysis.shape[0], -1)).view(-1, c)
+            grad_pre = torch.ops.aten.silu_backward(grad_v, pre)
+            grad_weight.addmm_(grad_pre.T, a)
+            grad_u = torch.ops.aten.silu_backward(torch.mm(grad_pre, weight), u)
+            grad_ht[:, start:stop] = torch.mm(synthesis.T, grad_u.view(g, -1)).view(k, -1, c)
+        return grad_ht.transpose(0, 1).contiguous(), None, None, grad_weight
+
+
+def _node_chunks(n: int, values_per_node: int):
+    """(start, stop) ranges over n nodes holding about :attr:`GridSiLU.CHUNK_VALUES` grid values each."""
+    step = max(1, GridSiLU.CHUNK_VALUES // max(values_per_node, 1))
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
+
+
 class GridMLP(nn.Module):
     """The feed-forward S² network's point-wise part: an MLP applied to the C channels at every grid point.
 
@@ -154,7 +215,7 @@ class GridMLP(nn.Module):
 
     The first and last Linear act on channels only, so they commute with the projections, which act on the
     coefficient axis only: they are applied to the K coefficients instead of the G ≫ K grid values (the same
-    function, a third of the grid work).
+    function, a third of the grid work).  The rest runs in :class:`GridMLPCore`.
     """
 
     def __init__(self, grid: S2Grid, channels: int) -> None:
@@ -168,7 +229,8 @@ class GridMLP(nn.Module):
 
     def forward(self, scalars: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """scalars [B, C], x [B, K, C] → [B, K, C]."""
-        first, act_1, middle, act_2, last = self.mlp
-        values = act_2(middle(act_1(self.grid.to_grid(first(x)))))
-        higher = last(torch.matmul(self.grid.from_grid_mat[1:].to(x.dtype), values))
+        first, _, middle, _, last = self.mlp
+        synthesis = self.grid.to_grid_mat.to(x.dtype)
+        analysis = self.grid.from_grid_mat[1:].to(x.dtype)
+        higher = last(GridMLPCore.apply(first(x), synthesis, analysis, middle.weight))
         return torch.cat([scalars.unsqueeze(1), higher], dim=1)
