@@ -201,6 +201,7 @@ class PotentialModule(L.LightningModule):
             for logger in self.loggers:
                 if isinstance(logger, CSVLogger):
                     logger.restore_row(row["metrics"], row["step"])
+
     def configure_optimizers(self):
         hp = self.hp
         decay, no_decay = [], []

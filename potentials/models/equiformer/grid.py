@@ -84,7 +84,7 @@ class GridSiLU(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, synthesis: torch.Tensor, analysis: torch.Tensor) -> torch.Tensor:
         n, k, c = x.shape
         rows = _rows(x)
-        ctx.save_for_backward(x, rows, synthesis, analysis)
+        ctx.save_for_backward(x, rows, synthesis, analysis)  # x itself for a differentiable backward pass
         out = x.new_empty(n * c, analysis.shape[0])
         step = max(1, GridSiLU.CHUNK_VALUES // synthesis.shape[0])
         synthesis_t, analysis_t = synthesis.T, analysis.T
@@ -100,9 +100,7 @@ class GridSiLU(torch.autograd.Function):
         n, k, c = x.shape
         if torch.is_grad_enabled():  # a graph of this backward pass is being built: differentiable operations only
             y = torch.mm(_rows(x), synthesis.T)
-            sig = torch.sigmoid(y)
-            slope = sig * (1.0 + y * (1.0 - sig))
-            return _unrows(torch.mm(slope * torch.mm(_rows(grad), analysis), synthesis), n, c), None, None
+            return _unrows(torch.mm(_silu_slope(y) * torch.mm(_rows(grad), analysis), synthesis), n, c), None, None
         grad_rows = _rows(grad)
         out = x.new_empty(n * c, k)
         step = max(1, GridSiLU.CHUNK_VALUES // synthesis.shape[0])
@@ -113,6 +111,12 @@ class GridSiLU(torch.autograd.Function):
             grad_y = torch.ops.aten.silu_backward(torch.mm(grad_rows[start:start + step], analysis), y)
             torch.mm(grad_y, synthesis_cm, out=out[start:start + step])
         return _unrows(out, n, c), None, None
+
+
+def _silu_slope(y: torch.Tensor) -> torch.Tensor:
+    """SiLU'(y) = σ(y)·(1 + y·(1 − σ(y))) in differentiable operations (for derivatives of the backward pass)."""
+    sig = torch.sigmoid(y)
+    return sig * (1.0 + y * (1.0 - sig))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -179,11 +183,9 @@ class GridMLPCore(torch.autograd.Function):
             a = nn.functional.silu(u)
             pre = torch.mm(a, weight.T)
             grad_v = torch.mm(analysis.T, grad.transpose(0, 1).reshape(-1, n * c)).view(-1, c)
-            sig = torch.sigmoid(pre)
-            grad_pre = grad_v * sig * (1.0 + pre * (1.0 - sig))
+            grad_pre = grad_v * _silu_slope(pre)
             grad_weight = torch.mm(grad_pre.T, a)
-            sig_u = torch.sigmoid(u)
-            grad_u = torch.mm(grad_pre, weight) * sig_u * (1.0 + u * (1.0 - sig_u))
+            grad_u = torch.mm(grad_pre, weight) * _silu_slope(u)
             grad_h = torch.mm(synthesis.T, grad_u.view(g, n * c)).view(k, n, c).transpose(0, 1)
             return grad_h, None, None, grad_weight
         gt = grad.transpose(0, 1).contiguous()  # [K', B, C]
