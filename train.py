@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from potentials.errors import PotentialsInputError
+from potentials.runtime import tune_allocator
 from potentials.training.launch import external_launch_overrides, print_input_error
 from potentials.training.report import demo_relax, print_summary
 from potentials.training.run import register_resolvers, run
@@ -28,6 +29,7 @@ INPUT_ERRORS = (PotentialsInputError, FileNotFoundError, MissingMandatoryValue)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    tune_allocator()
     try:
         summary = run(cfg)
     except INPUT_ERRORS as error:

@@ -32,7 +32,8 @@ def _record(framework: str, label: str, request: dict, settings: suite.Settings,
             if reason:
                 return {"label": label, "framework": framework, "error": f"skipped: {reason}"}
         result = peers.run_worker(framework, request, timeout=timeout,
-                                  wait_policy=None if settings.omp_wait_policy == "none" else settings.omp_wait_policy)
+                                  wait_policy=None if settings.omp_wait_policy == "none" else settings.omp_wait_policy,
+                                  malloc=settings.malloc)
         return {"label": label, "framework": framework, "result": result}
     except peers.PeerError as exc:
         log(f"  failed: {str(exc).splitlines()[0]}")
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> Path:
         frameworks=tuple(args.frameworks.split(",")) if args.frameworks else None,
         models=tuple(args.models.split(",")) if args.models else None,
         accuracy_models=tuple(args.accuracy_models.split(",")) if args.accuracy_models else None,
-        omp_wait_policy=args.omp_wait)
+        omp_wait_policy=args.omp_wait, malloc=args.malloc)
     start = dt.datetime.now()
     meta = {"start": start.isoformat(timespec="seconds"), "machine_start": report.machine_info(),
             "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -147,7 +148,8 @@ def write(run_data: dict, out: Path) -> Path:
         "machine": f"{m0['host']}: {m0['cpu']}, {m0['cores']} cores, {m0['memory_GB']} GB, {m0['platform']}",
         "load average (1/5/15 min) at start / end": f"{m0['load_avg_1_5_15']} / {m1.get('load_avg_1_5_15')}",
         "threads": f"{settings['threads']} (torch.set_num_threads and OMP_NUM_THREADS), "
-                   f"OMP_WAIT_POLICY={settings['omp_wait_policy']}",
+                   f"OMP_WAIT_POLICY={settings['omp_wait_policy']}, glibc malloc {settings.get('malloc', 'system')} "
+                   "(the same for every framework)",
         "versions": _versions(records) or "n/a",
         "settings": {k: v for k, v in settings.items() if k != "models"},
     }
@@ -186,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--budget", type=float, help="seconds of training per model for the accuracy part")
     r.add_argument("--omp-wait", default="PASSIVE", help="OMP_WAIT_POLICY for workers (PASSIVE, ACTIVE or none)")
+    r.add_argument("--malloc", default="tuned", choices=("tuned", "system"),
+                   help="glibc allocator settings of every worker: tuned (freed memory kept for reuse, as "
+                        "potentials.runtime sets) or the system defaults")
     r.add_argument("--out", default=str(report.RESULTS_DIR))
     w = sub.add_parser("report", help="re-render the markdown and figures from a saved <stem>.json")
     w.add_argument("json")

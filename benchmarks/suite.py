@@ -87,6 +87,7 @@ class Settings:
     models: tuple[str, ...] = field(default_factory=tuple)
     accuracy_models: tuple[str, ...] = field(default_factory=tuple)  # empty: every selected model but fairchem
     omp_wait_policy: str = "PASSIVE"
+    malloc: str = "tuned"  # glibc allocator settings of every worker: "tuned" (potentials.runtime) or "system"
 
     @classmethod
     def make(cls, quick: bool, **overrides) -> Settings:

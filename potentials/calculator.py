@@ -13,6 +13,7 @@ from torch_geometric.data import Batch
 from potentials import keys
 from potentials.graph import AtomicGraph
 from potentials.potential import Potential
+from potentials.runtime import tune_allocator
 
 
 class PotentialCalculator(Calculator):
@@ -22,12 +23,16 @@ class PotentialCalculator(Calculator):
         potential: the trained potential.
         device: torch device to run on (``"cpu"``, ``"cuda"``, ``"cuda:1"`` …).
         dtype: ``"float32"`` or ``"float64"``.
+
+    Creating one tunes the process's memory allocator for repeated large steps
+    (:func:`potentials.runtime.tune_allocator`; ``POTENTIALS_MALLOC=system`` opts out).
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
     def __init__(self, potential: Potential, device: str = "cpu", dtype: str = "float32", **kwargs) -> None:
         super().__init__(**kwargs)
+        tune_allocator()
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.device = torch.device(device)
         self.potential = potential.to(device=self.device, dtype=self.dtype).eval()

@@ -185,3 +185,14 @@ def test_read_frames_fills_missing_labels_and_checks_batch_size(tmp_path):
     assert batch_size == 1 and frames[0].get_forces().shape == (64, 3) and not frames[0].get_forces().any()
     with pytest.raises(ValueError, match="fewer than batch_size 2"):
         _common.read_frames({"path": str(path), "batch_size": 2})
+
+
+def test_worker_env_gives_every_framework_the_same_allocator_settings(monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "7")  # a stray setting of the caller's shell must not leak through
+    tuned = peers.worker_env(2, malloc="tuned")
+    assert tuned["MALLOC_MMAP_MAX_"] == "0" and "POTENTIALS_MALLOC" not in tuned
+    assert int(tuned["MALLOC_TRIM_THRESHOLD_"]) >= 1 << 30
+    system = peers.worker_env(2, malloc="system")
+    assert system["POTENTIALS_MALLOC"] == "system" and not any(k.startswith("MALLOC_") for k in system)
+    with pytest.raises(ValueError, match="malloc"):
+        peers.worker_env(2, malloc="jemalloc")

@@ -7,6 +7,7 @@ import sys
 
 from potentials import __version__
 from potentials.cli import evaluate, md, preprocess, relax
+from potentials.runtime import tune_allocator
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_allocator()
     return int(args.func(args) or 0)
 
 
