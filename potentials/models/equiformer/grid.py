@@ -9,27 +9,29 @@ times ``res_alpha`` equally spaced angles α about the polar axis.  With ``res_b
 coefficients, so the S² activation is equivariant only up to a quadrature error that falls (roughly exponentially)
 with the resolution.  It is the only approximately equivariant step of the model.
 
-Measured rotation error (float64, relative max deviation over 3 random rotations of a rattled 4-atom CuAl cell,
-2-block models at initialisation with C channels; one grid varied, the other fine).  Node grid [res_beta, 2·res_beta];
-edge grid [lmax+1, res_alpha] (res_beta beyond lmax+1 changes nothing measurable for the edge grid):
+Measured rotation error of forces (stress) (float64, relative max deviation over 3 random rotations of a rattled
+4-atom CuAl cell, 2-block models at initialisation with C channels, ``tests/models/test_equiformer_grid.py``'s
+``_model``).  Node grid [res_beta, 2·res_beta], edge grid at its default unless noted:
 
-=======================  =============  ============  ============
-forces (stress)          lmax=2, C=16   lmax=3, C=32  lmax=4, C=32
-=======================  =============  ============  ============
-node res_beta = 2l+2     4e-3 (2e-3)    5e-3 (3e-3)   6e-3 (7e-3)
-node res_beta = 3l+3     2e-4 (9e-5)    7e-4 (2e-4)   2e-4 (3e-4)
-node res_beta = 4l+4 *   1e-5 (3e-6)    5e-5 (9e-6)   3e-5 (2e-5)
-node res_beta = 5l+5     3e-7 (1e-7)    5e-6 (9e-7)   3e-6 (1e-6)
-edge res_alpha = 4m+4    3e-5 (2e-5)    3e-3 (1e-3)   2e-3 (9e-4)
-edge res_alpha = 6m+6    1e-7 (8e-8)    1e-4 (2e-5)   6e-5 (4e-5)
-edge res_alpha = 8m+8 *  3e-10 (1e-10)  3e-6 (8e-7)   3e-6 (1e-6)
-=======================  =============  ============  ============
+====================  ==============  ==============  ==============  ==============
+node res_beta         lmax=2, C=64    lmax=3, C=32    lmax=3, C=64    lmax=4, C=32
+====================  ==============  ==============  ==============  ==============
+4(l+1)                2e-7 (3e-8) *   7e-4 (9e-4)     2e-4 (7e-5)     2e-4 (7e-5)
+5(l+1)                                2e-4 (1e-4)
+6(l+1)                                3e-5 (2e-5) *                   5e-6 (3e-6) *
+8(l+1)                                3e-6 (4e-6)
+====================  ==============  ==============  ==============  ==============
 
-(* the defaults; m = mmax = 2.)  The separable activation alone, on unit-variance inputs (lmax = 2, node grid):
-res_beta 3 → 2e-1, 6 → 2e-2, 12 → 1e-3, 24 → 8e-6.  The error grows with the size of the activations, so trained
-weights may give larger errors than these: raise the resolution (or use the exactly equivariant gate activation)
-where that matters.  For comparison, the paper's 18 × 18 equiangular grid at lmax = 6 is about as exact as
-res_beta = 9 here, coarser than the 2l+2 row above.
+The shipped ``model=equiformer_v2`` preset (lmax 3, C 32, 3 blocks): 2.5e-4 and 8e-5 (two seeds) at 4(l+1), 8e-6
+and 8e-7 at 6(l+1).  The error varies with the initial weights and grows quickly with lmax, hence the default of
+4(l+1) up to lmax 2 and 6(l+1) above.  Edge grid (lmax=2, C=64, default node grid): res_alpha 12 → 4e-6, 16 → 2e-7,
+24 → 2e-7 (from 16 on the node grid's error dominates); at lmax = 3 the node grid dominates at every res_alpha ≥ 12.
+
+(* the defaults; mmax = 2, edge grid [lmax+1, 8·mmax+8].)  The separable activation alone, on unit-variance
+inputs (lmax = 2, node grid): res_beta 3 → 2e-1, 6 → 2e-2, 12 → 1e-3, 24 → 8e-6.  The error grows with the size
+of the activations, so trained weights may give larger errors than these: raise the resolution (or use the
+exactly equivariant gate activation) where that matters.  For comparison, the paper's 18 × 18 equiangular grid at
+lmax = 6 is about as exact as res_beta = 9 here, far coarser than any row above.
 """
 
 from __future__ import annotations
