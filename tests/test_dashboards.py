@@ -81,7 +81,7 @@ def test_offline_wandb_run_holds_the_metrics_and_figures(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     try:
-        _train(tmp_path, "wandb", "logger.name=tiny")  # the default name interpolates Hydra's runtime choices
+        _train(tmp_path, "wandb")  # the default name: none under the compose API (Hydra's choices need a Hydra run)
     finally:
         wandb.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
@@ -102,3 +102,19 @@ def test_offline_wandb_run_holds_the_metrics_and_figures(tmp_path, monkeypatch):
     images = sorted(p.name for p in runs[0].glob("files/media/images/test/*.png"))
     assert [name for name in FIGURES if not any(i.startswith(f"{name}_") for i in images)] == [], images
     assert len(images) == len(FIGURES), images
+
+
+def test_wandb_run_name_follows_hydra_choices_and_is_optional_without_hydra(tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        plain = compose("train", overrides=["logger=wandb", "model=facet", f"run_dir={tmp_path}"])
+        assert plain.logger.name is None  # compose API: no Hydra run, W&B picks the name
+        full = compose("train", overrides=["logger=wandb", "model=facet", f"run_dir={tmp_path}"],
+                       return_hydra_config=True)
+    HydraConfig.instance().set_config(full)
+    try:
+        assert full.logger.name == f"facet-{full.hydra.runtime.choices.data}"
+    finally:
+        HydraConfig.instance().cfg = None

@@ -37,9 +37,22 @@ def wandb_offline() -> bool:
     return os.environ.get("WANDB_MODE", "offline").lower() not in ("online", "run")
 
 
+def run_name() -> str | None:
+    """``<model>-<data>`` from Hydra's runtime choices; None (the dashboard picks a name) without a Hydra run, as
+    under the compose API."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    choices = HydraConfig.get().runtime.choices
+    return f"{choices.get('model', 'model')}-{choices.get('data', 'data')}"
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", run_name)
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, PotentialModule]:
