@@ -1,6 +1,6 @@
 """Surviving faults: a `train.py` killed with SIGKILL (also in the middle of a checkpoint write) is rerun with the
-same command and ends exactly where an uninterrupted run ends; checkpoint files are never half written; the CSV
-and W&B loggers continue the same records; the same seed gives the same loss curve."""
+same command and ends exactly where an uninterrupted run ends; checkpoint files are never half written; the CSV,
+W&B and TensorBoard loggers continue the same records; the same seed gives the same loss curve."""
 
 from __future__ import annotations
 
@@ -217,3 +217,24 @@ def test_csv_logger_continues_and_drops_rows_logged_after_the_checkpoint(tmp_pat
         rows = [(int(r["step"]), r["train/loss_step"], r["val/force_mae"]) for r in csv.DictReader(f)]
     assert rows == [(0, "0.0", ""), (1, "1.0", ""), (2, "2.0", ""), (3, "3.0", ""), (3, "", "9.0"),
                     (4, "30.0", ""), (5, "40.0", "")]
+
+
+def test_tensorboard_hides_what_an_interrupted_attempt_logged_after_the_checkpoint(tmp_path, data_root):
+    """Resuming from an older checkpoint than the last logged step: TensorBoard shows every step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def attempt(epochs: int) -> None:
+        run(_config(tmp_path, data_root, "logger=tensorboard", f"trainer.max_epochs={epochs}",
+                    "checkpoint.every_n_train_steps=null"))
+
+    attempt(1)  # checkpoint at step 7
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    at_step_7 = ckpt.read_bytes()
+    attempt(2)  # steps 7 … 13 logged, checkpoint at step 14
+    ckpt.write_bytes(at_step_7)  # as if the attempt had been killed after logging them, before its checkpoint
+    attempt(2)  # resumes at step 7 and logs steps 7 … 13 again
+    assert checkpointing.checkpoint_step(ckpt) == 14
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss_step")]
+    assert sorted(steps) == list(range(14)), steps  # without purge_step, steps 7 … 13 appear twice

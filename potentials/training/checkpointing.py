@@ -127,6 +127,11 @@ def resume_path(resume: str | os.PathLike | bool | None, run_dir: str | os.PathL
     return str(path)
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The global (optimiser) step a checkpoint was taken at; memory-maps the file instead of reading it all."""
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+
+
 def checkpoint_callbacks(dirpath: str | os.PathLike, monitor: str, every_n_train_steps: int | None = None,
                          every_n_minutes: float | None = None) -> tuple[ModelCheckpoint, list[ModelCheckpoint]]:
     """The ``best`` checkpoint callback and all checkpoint callbacks, in the order Lightning should run them.

@@ -143,8 +143,18 @@ def wandb_run_id(run_dir: str | os.PathLike) -> str:
     return run_id
 
 
-def resuming_logger_kwargs(target: str, run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Extra arguments that make the logger ``target`` (a ``_target_`` class path) continue a resumed run."""
-    if target.rsplit(".", 1)[-1] == "WandbLogger":
+def resuming_logger_kwargs(target: str, run_dir: str | os.PathLike, ckpt_path: str | None = None) -> dict[str, Any]:
+    """Extra arguments that make the logger ``target`` (a ``_target_`` class path) continue a resumed run.
+
+    W&B: the run id of the first attempt.  TensorBoard, when resuming from ``ckpt_path``: ``purge_step`` at the
+    checkpoint's step, so TensorBoard hides what the interrupted attempt logged after it (the resumed run logs
+    those steps again).
+    """
+    name = target.rsplit(".", 1)[-1]
+    if name == "WandbLogger":
         return {"id": wandb_run_id(run_dir), "resume": "allow"}
+    if name == "TensorBoardLogger" and ckpt_path:
+        from potentials.training.checkpointing import checkpoint_step
+
+        return {"purge_step": checkpoint_step(ckpt_path)}
     return {}

@@ -98,9 +98,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     _report_labels(dm.splits["train"], module.loss_fn)
 
+    ckpt_path = resume_path(cfg.resume, run_dir)
     logger = False
     if cfg.get("logger"):
-        logger = instantiate(cfg.logger, **resuming_logger_kwargs(cfg.logger.get("_target_", ""), run_dir))
+        logger = instantiate(cfg.logger, **resuming_logger_kwargs(cfg.logger.get("_target_", ""), run_dir, ckpt_path))
         config = OmegaConf.to_container(cfg, resolve=True)
         logger.log_hyperparams({"config": config, "num_parameters": n_params})
     has_val = len(dm.splits["val"]) > 0
@@ -117,7 +118,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=plugins)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
-    ckpt_path = resume_path(cfg.resume, run_dir)
     if rank_zero_only.rank == 0:  # before fit, the launcher's environment knows the rank; the trainer may not
         remove_stale_temporaries(run_dir / "checkpoints")
     if ckpt_path:
