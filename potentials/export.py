@@ -16,7 +16,8 @@ import torch
 from potentials.errors import PotentialsInputError
 from potentials.potential import Potential
 
-FORMAT_VERSION = 1
+#: 2: model_config holds what a model resolved from its defaults (``resolved_config()``, e.g. EquiformerV2's grids)
+FORMAT_VERSION = 2
 UNITS = {"energy": "eV", "length": "Å", "forces": "eV/Å", "stress": "eV/Å³ (ASE sign)"}
 
 
@@ -35,7 +36,7 @@ def save(potential: Potential, path: str | os.PathLike, model_config: dict[str, 
     payload = {
         "format_version": FORMAT_VERSION,
         "package_version": _package_version(),
-        "model_config": model_config,
+        "model_config": {**model_config, **_resolved(potential.model)},
         "model_state": state,
         "cutoff": potential.cutoff,
         "atomic_energies": {z: float(potential.atomic_energies[z]) for z in potential.elements},
@@ -49,6 +50,21 @@ def save(potential: Potential, path: str | os.PathLike, model_config: dict[str, 
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
+
+
+def _resolved(model) -> dict[str, Any]:
+    resolved = getattr(model, "resolved_config", None)
+    return resolved() if callable(resolved) else {}
+
+
+def _upgrade_config(payload: dict[str, Any]) -> dict[str, Any]:
+    """The model config of an older file, with the defaults of the version that wrote it made explicit."""
+    config = dict(payload["model_config"])
+    if payload["format_version"] < 2 and str(config.get("_target_", "")).endswith("EquiformerV2"):
+        lmax = int(config.get("lmax", 3))
+        if config.get("grid_resolution") is None and lmax >= 3:  # node grids were 4(lmax+1) x 8(lmax+1) for all lmax
+            config["grid_resolution"] = [4 * (lmax + 1), 8 * (lmax + 1)]
+    return config
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
@@ -89,6 +105,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
             f"{cutoff} Å (its radial functions end at the training cutoff); leave the cutoff out to use the model's"
         )
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    payload["model_config"] = _upgrade_config(payload)
     model = instantiate(payload["model_config"])
     try:
         model.load_state_dict(payload["model_state"])

@@ -6,6 +6,8 @@ the kernel on ``free``; the next step's tensor then starts on new pages, and the
 first touch.  For an EquiformerV2 step on 500 Cu atoms that was 400 000 page faults, 28 % of the step time (the
 same share for fairchem's eSCN-MD in the same process setting).  :func:`tune_allocator` asks glibc to serve large
 blocks from its heap and to keep freed memory there, so the pages are reused: no faults after the first step.
+(Threads other than the main one allocate from their own arenas, where glibc still maps blocks above 64 MB
+afresh; PyTorch's CPU operators allocate their outputs in the calling, usually main, thread.)
 
 The cost is memory: the process keeps its peak instead of returning it between steps — what a caching allocator
 (PyTorch's on CUDA, jemalloc, tcmalloc) does as well — plus fragmentation.  Measured: the EquiformerV2 step above

@@ -188,11 +188,15 @@ def test_read_frames_fills_missing_labels_and_checks_batch_size(tmp_path):
 
 
 def test_worker_env_gives_every_framework_the_same_allocator_settings(monkeypatch):
-    monkeypatch.setenv("MALLOC_MMAP_MAX_", "7")  # a stray setting of the caller's shell must not leak through
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "7")  # stray settings of the caller's shell must not leak through
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
     tuned = peers.worker_env(2, malloc="tuned")
     assert tuned["MALLOC_MMAP_MAX_"] == "0" and "POTENTIALS_MALLOC" not in tuned
     assert int(tuned["MALLOC_TRIM_THRESHOLD_"]) >= 1 << 30
+    assert "MALLOC_ARENA_MAX" not in tuned and "GLIBC_TUNABLES" not in tuned
     system = peers.worker_env(2, malloc="system")
     assert system["POTENTIALS_MALLOC"] == "system" and not any(k.startswith("MALLOC_") for k in system)
+    assert "GLIBC_TUNABLES" not in system
     with pytest.raises(ValueError, match="malloc"):
         peers.worker_env(2, malloc="jemalloc")

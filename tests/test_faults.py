@@ -21,7 +21,7 @@ import wandb
 from potentials.errors import PotentialsInputError
 from potentials.training import checkpointing
 from potentials.training.checkpointing import AtomicCheckpointIO, remove_stale_temporaries, resume_path
-from potentials.training.loggers import CSVLogger
+from potentials.training.loggers import CSVLogger, resuming_logger_kwargs
 from potentials.training.run import run
 from tests.train_config import train_config
 
@@ -238,3 +238,5 @@ def test_tensorboard_hides_what_an_interrupted_attempt_logged_after_the_checkpoi
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss_step")]
     assert sorted(steps) == list(range(14)), steps  # without purge_step, steps 7 … 13 appear twice
+    # an attempt killed before its first checkpoint: the fresh start purges from step 0
+    assert resuming_logger_kwargs("lightning.pytorch.loggers.TensorBoardLogger", tmp_path) == {"purge_step": 0}

@@ -28,7 +28,8 @@ print(json.dumps({"applied": applied, "faults": faults}))
 
 
 def _probe(**env: str) -> dict:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "POTENTIALS_MALLOC"}
+    dropped = ("POTENTIALS_MALLOC", "GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE")
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in dropped}
     proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120,
                           env={**full_env, **env})
     assert proc.returncode == 0, proc.stderr
@@ -39,9 +40,9 @@ def _probe(**env: str) -> dict:
 def test_tuned_allocator_reuses_freed_pages():
     tuned, system = _probe(), _probe(POTENTIALS_MALLOC="system")
     assert tuned["applied"] is True and system["applied"] is False
-    pages = 9 * (64 << 20) // 4096
-    assert system["faults"] > 0.5 * pages  # the untuned allocator faults the tensors in afresh each round
-    assert tuned["faults"] < 0.02 * pages, tuned
+    # the untuned allocator faults the tensors in afresh each round (9 × 16 384 pages of 4 kB; fewer with huge pages)
+    assert system["faults"] > 1000, system
+    assert tuned["faults"] < 0.02 * system["faults"], (tuned, system)
 
 
 def test_calculator_tunes_the_allocator(monkeypatch):

@@ -146,15 +146,15 @@ def wandb_run_id(run_dir: str | os.PathLike) -> str:
 def resuming_logger_kwargs(target: str, run_dir: str | os.PathLike, ckpt_path: str | None = None) -> dict[str, Any]:
     """Extra arguments that make the logger ``target`` (a ``_target_`` class path) continue a resumed run.
 
-    W&B: the run id of the first attempt.  TensorBoard, when resuming from ``ckpt_path``: ``purge_step`` at the
-    checkpoint's step, so TensorBoard hides what the interrupted attempt logged after it (the resumed run logs
-    those steps again).
+    W&B: the run id of the first attempt.  TensorBoard: ``purge_step`` at the step of ``ckpt_path`` (0 when
+    starting afresh), so TensorBoard hides what an interrupted attempt logged after it (the resumed run logs
+    those steps again), also when that attempt died before its first checkpoint.
     """
     name = target.rsplit(".", 1)[-1]
     if name == "WandbLogger":
         return {"id": wandb_run_id(run_dir), "resume": "allow"}
-    if name == "TensorBoardLogger" and ckpt_path:
+    if name == "TensorBoardLogger":
         from potentials.training.checkpointing import checkpoint_step
 
-        return {"purge_step": checkpoint_step(ckpt_path)}
+        return {"purge_step": checkpoint_step(ckpt_path) if ckpt_path else 0}
     return {}

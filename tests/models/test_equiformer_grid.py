@@ -179,3 +179,22 @@ def test_chunked_grid_mlp_gradients_and_second_derivatives(monkeypatch):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(lambda t, w: GridMLPCore.apply(t, synthesis, analysis, w), (h, weight))
     assert torch.autograd.gradgradcheck(lambda t, w: GridMLPCore.apply(t, synthesis, analysis, w), (h, weight))
+
+
+def test_model_files_keep_their_grids(tmp_path):
+    """A model file records the resolved grids; files of format 1 (node grid 4(lmax+1) at every lmax) keep theirs."""
+    from potentials.export import load, save
+
+    config = {"_target_": "potentials.models.equiformer.EquiformerV2", "cutoff": CUTOFF, "num_layers": 1, "lmax": 3,
+              "mmax": 2, "channels": 8, "attn_hidden_channels": 8, "num_heads": 2, "attn_alpha_channels": 4,
+              "attn_value_channels": 4, "ffn_hidden_channels": 8, "edge_channels": 8, "num_basis": 8}
+    torch.manual_seed(0)
+    potential = Potential(EquiformerV2(**{k: v for k, v in config.items() if k != "_target_"}), CUTOFF)
+    path = save(potential, tmp_path / "model.pt", config)
+    payload = torch.load(path, weights_only=True)
+    assert payload["model_config"]["grid_resolution"] == [24, 48]
+    assert payload["model_config"]["edge_grid_resolution"] == [4, 24]
+    assert load(path).model.node_grid.res_beta == 24
+    torch.save({**payload, "format_version": 1, "model_config": config}, tmp_path / "old.pt")
+    old = load(tmp_path / "old.pt")
+    assert (old.model.node_grid.res_beta, old.model.node_grid.res_alpha) == (16, 32)

@@ -193,6 +193,13 @@ class EquiformerV2(nn.Module):
         )
         self.force_head = attention(1, 0.0) if direct_forces else None
 
+    def resolved_config(self) -> dict:
+        """The grid resolutions in use, for model files: a file then keeps its grids if the defaults change."""
+        def res(grid: S2Grid | None) -> list[int] | None:
+            return None if grid is None else [grid.res_beta, grid.res_alpha]
+
+        return {"grid_resolution": res(self.node_grid), "edge_grid_resolution": res(self.edge_grid)}
+
     def edge_data(self, edge_index: torch.Tensor, edge_vec: torch.Tensor, num_nodes: int) -> EdgeData:
         """Per-edge quantities shared by all layers (zero-length edges are guarded: r = 0, frame = identity)."""
         r2 = (edge_vec * edge_vec).sum(-1)
