@@ -22,7 +22,7 @@ from torch_geometric.data import Batch
 from potentials.calculator import PotentialCalculator
 from potentials.datasets import aselmdb
 from potentials.errors import PotentialsInputError
-from potentials.export import load
+from potentials.export import FORMAT_VERSION, load
 from potentials.training.module import CHECKPOINT_FORMAT
 from potentials.training.run import _report_labels, build, run
 from tests.tiny_model import random_model
@@ -249,7 +249,8 @@ def test_model_file_of_another_version_or_kind(tmp_path):
     payload = torch.load(path, weights_only=True)
     newer = tmp_path / "newer.pt"
     torch.save({**payload, "format_version": payload["format_version"] + 1}, newer)
-    with pytest.raises(PotentialsInputError, match=r"newer.pt: written by potentials .* file format 2; .* upgrade"):
+    with pytest.raises(PotentialsInputError,
+                       match=rf"newer.pt: written by potentials .* file format {FORMAT_VERSION + 1}; .* upgrade"):
         load(newer)
     checkpoint = tmp_path / "last.ckpt"
     torch.save({"state_dict": {}, "loops": object()}, checkpoint)  # a Lightning checkpoint is not a model file
