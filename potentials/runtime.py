@@ -12,8 +12,8 @@ afresh; PyTorch's CPU operators allocate their outputs in the calling, usually m
 The cost is memory: the process keeps its peak instead of returning it between steps — what a caching allocator
 (PyTorch's on CUDA, jemalloc, tcmalloc) does as well — plus fragmentation.  Measured: the EquiformerV2 step above
 keeps 2.3 GB resident (its peak); a loop that only allocates and frees one 64 MB tensor settles at 0.7 GB after
-about ten rounds and stays there.  ``POTENTIALS_MALLOC=system`` leaves glibc's
-defaults alone.  The same tuning from outside a process: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647
+about ten rounds and stays there.  ``POTENTIALS_MALLOC=system`` leaves glibc's defaults alone.  The same tuning
+from outside a process: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647
 MALLOC_TOP_PAD_=67108864`` (the benchmark harness sets these for every framework's worker).
 """
 
@@ -27,11 +27,16 @@ import sys
 # mallopt parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 
-#: (parameter, value): no mmap for large blocks; keep up to 2 GB of free heap top; grow the heap 64 MB at a time
-GLIBC_SETTINGS = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 64 << 20))
+#: (parameter, environment variable, value): no mmap for large blocks; keep up to 2 GB of free heap top; grow the
+#: heap 64 MB at a time
+GLIBC_SETTINGS = (
+    (_M_MMAP_MAX, "MALLOC_MMAP_MAX_", 0),
+    (_M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", 2**31 - 1),
+    (_M_TOP_PAD, "MALLOC_TOP_PAD_", 64 << 20),
+)
 
 #: the same settings as environment variables (read by glibc when a process starts)
-GLIBC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1), "MALLOC_TOP_PAD_": str(64 << 20)}
+GLIBC_ENV = {name: str(value) for _, name, value in GLIBC_SETTINGS}
 
 _done: bool | None = None
 
@@ -55,5 +60,5 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):
         return _done
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _done = all(mallopt(param, value) == 1 for param, value in GLIBC_SETTINGS)
+    _done = all(mallopt(param, value) == 1 for param, _, value in GLIBC_SETTINGS)
     return _done

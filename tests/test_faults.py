@@ -20,7 +20,12 @@ import wandb
 
 from potentials.errors import PotentialsInputError
 from potentials.training import checkpointing
-from potentials.training.checkpointing import AtomicCheckpointIO, remove_stale_temporaries, resume_path
+from potentials.training.checkpointing import (
+    AtomicCheckpointIO,
+    checkpoint_step,
+    remove_stale_temporaries,
+    resume_path,
+)
 from potentials.training.loggers import CSVLogger, resuming_logger_kwargs
 from potentials.training.run import run
 from tests.train_config import train_config
@@ -71,10 +76,6 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.stderr.close()
 
 
-def _step(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
-
-
 def _finish_and_compare(run_dir: Path, data_root: Path, uninterrupted: Path) -> None:
     """Rerun the same command: it resumes and ends with the uninterrupted run's steps, weights and CSV rows."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -102,7 +103,7 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_checkpoint(tmp
     _wait_for(lambda: last.is_file() and list(last.parent.glob(".last.ckpt.*.tmp")), proc)
     _kill(proc)
     assert list(last.parent.glob(".last.ckpt.*.tmp"))  # killed mid-write ...
-    assert _step(last) == 2  # ... and the previous checkpoint is whole
+    assert checkpoint_step(last) == 2  # ... and the previous checkpoint is whole
     _finish_and_compare(run_dir, data_root, uninterrupted)
 
 
@@ -120,7 +121,7 @@ def test_kill_between_checkpoints_mid_epoch_resumes_without_losing_steps(tmp_pat
     first = last.stat().st_mtime_ns
     _wait_for(lambda: last.stat().st_mtime_ns != first, proc)
     _kill(proc)
-    assert _step(last) == 4
+    assert checkpoint_step(last) == 4
     metrics = run_dir / "csv" / "metrics.csv"
     frame = pd.read_csv(metrics)
     if not row_written:
@@ -156,7 +157,7 @@ def test_wandb_run_continues_with_the_same_id(tmp_path, data_root, monkeypatch):
     # W&B names a run folder offline-run-<time>-<id>, adding -1 when both attempts start within one second
     pattern = rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?"
     assert len(run_id) == 8 and len(runs) == 2 and all(re.fullmatch(pattern, r.name) for r in runs), runs
-    assert _step(tmp_path / "checkpoints" / "last.ckpt") == 14  # the second run resumed, not restarted
+    assert checkpoint_step(tmp_path / "checkpoints" / "last.ckpt") == 14  # the second run resumed, not restarted
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
@@ -166,7 +167,8 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     io.save_checkpoint({"global_step": 1}, path)
     umask = os.umask(0)
     os.umask(umask)
-    assert _step(path) == 1 and path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes, not mkstemp's 0600
+    # mode as open() makes it, not mkstemp's 0600
+    assert checkpoint_step(path) == 1 and path.stat().st_mode & 0o777 == 0o666 & ~umask
 
     def broken_save(obj, f):
         f.write(b"PK\x03\x04 half a zip file")
@@ -175,7 +177,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpointing.torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         io.save_checkpoint({"global_step": 2}, path)
-    assert _step(path) == 1 and not list(tmp_path.glob(".*.tmp"))
+    assert checkpoint_step(path) == 1 and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_resume_path_picks_the_newest_complete_checkpoint(tmp_path):
@@ -233,7 +235,7 @@ def test_tensorboard_hides_what_an_interrupted_attempt_logged_after_the_checkpoi
     attempt(2)  # steps 7 … 13 logged, checkpoint at step 14
     ckpt.write_bytes(at_step_7)  # as if the attempt had been killed after logging them, before its checkpoint
     attempt(2)  # resumes at step 7 and logs steps 7 … 13 again
-    assert checkpointing.checkpoint_step(ckpt) == 14
+    assert checkpoint_step(ckpt) == 14
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss_step")]
