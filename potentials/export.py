@@ -61,9 +61,11 @@ def _upgrade_config(payload: dict[str, Any]) -> dict[str, Any]:
     """The model config of an older file, with the defaults of the version that wrote it made explicit."""
     config = dict(payload["model_config"])
     if payload["format_version"] < 2 and str(config.get("_target_", "")).endswith("EquiformerV2"):
-        lmax = int(config.get("lmax", 3))
+        lmax, mmax = int(config.get("lmax", 3)), int(config.get("mmax", 2))
         if config.get("grid_resolution") is None and lmax >= 3:  # node grids were 4(lmax+1) x 8(lmax+1) for all lmax
             config["grid_resolution"] = [4 * (lmax + 1), 8 * (lmax + 1)]
+        if config.get("edge_grid_resolution") is None:  # edge grids were (lmax+1) x (8·mmax+8) for all lmax
+            config["edge_grid_resolution"] = [lmax + 1, 8 * mmax + 8]
     return config
 
 

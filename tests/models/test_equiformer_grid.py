@@ -110,7 +110,7 @@ def _model(lmax: int, channels: int, **kwargs) -> Potential:
     return Potential(model, CUTOFF, scale=1.0).double().eval()
 
 
-@pytest.mark.parametrize("lmax,channels", [(2, 16), (3, 16), (3, 32)])
+@pytest.mark.parametrize("lmax,channels", [(2, 16), (2, 64), (3, 16), (3, 32)])
 def test_model_rotation_error_at_default_resolution(lmax, channels):
     err_e, err_f, err_s = _rotation_errors(_model(lmax, channels))
     print(f"\nlmax={lmax}: default grids, relative rotation error E {err_e:.1e}  F {err_f:.1e}  S {err_s:.1e}")
@@ -198,3 +198,14 @@ def test_model_files_keep_their_grids(tmp_path):
     torch.save({**payload, "format_version": 1, "model_config": config}, tmp_path / "old.pt")
     old = load(tmp_path / "old.pt")
     assert (old.model.node_grid.res_beta, old.model.node_grid.res_alpha) == (16, 32)
+    assert (old.model.edge_grid.res_beta, old.model.edge_grid.res_alpha) == (4, 24)
+    # lmax 2: the edge grid's default is now 3 x 14; a format-1 file keeps the 3 x 24 it was trained with
+    small = {**config, "lmax": 2}
+    torch.manual_seed(0)
+    potential = Potential(EquiformerV2(**{k: v for k, v in small.items() if k != "_target_"}), CUTOFF)
+    payload = torch.load(save(potential, tmp_path / "small.pt", small), weights_only=True)
+    assert payload["model_config"]["edge_grid_resolution"] == [3, 14]
+    torch.save({**payload, "format_version": 1, "model_config": small}, tmp_path / "old_small.pt")
+    old = load(tmp_path / "old_small.pt")
+    assert (old.model.edge_grid.res_beta, old.model.edge_grid.res_alpha) == (3, 24)
+    assert (old.model.node_grid.res_beta, old.model.node_grid.res_alpha) == (12, 24)

@@ -12,6 +12,7 @@ from potentials.models.equiformer.attention import (
     EdgeDegreeEmbedding,
     SO2GraphAttention,
     envelope_softmax,
+    gather_pairs,
 )
 from potentials.models.equiformer.grid import S2Grid
 from potentials.models.equiformer.layers import EquivariantLayerNorm, FeedForwardGate, GateActivation, SO3Linear
@@ -108,6 +109,20 @@ def test_layer_norm_linear_and_gate_are_equivariant():
     gate = GateActivation(LMAX, torch.tensor([0, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3]))
     gates = torch.randn(7, LMAX * C, dtype=torch.float64)
     torch.testing.assert_close(gate(gates, d @ x), d @ gate(gates, x), atol=1e-12, rtol=0)
+
+
+def test_gather_pairs_matches_concatenated_gathers_with_derivatives():
+    pos, edge_index = _graph(5)
+    edge = _edge_data(edge_index, pos[edge_index[1]] - pos[edge_index[0]], 5)
+    x = torch.randn(5, num_coefficients(LMAX), C, dtype=torch.float64, requires_grad=True)
+    pair = gather_pairs(x, edge)
+    expected = torch.cat([x[edge.src], x[edge.dst]], dim=-1)
+    assert torch.equal(pair, expected)
+    probe = torch.randn_like(pair)
+    grad = torch.autograd.grad((pair * probe).sum(), x, create_graph=True)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad((expected * probe).sum(), x, create_graph=True)[0])
+    torch.autograd.gradcheck(lambda t: gather_pairs(t, edge), (x,))
+    torch.autograd.gradgradcheck(lambda t: gather_pairs(t, edge) ** 2, (x,))
 
 
 def test_envelope_softmax():

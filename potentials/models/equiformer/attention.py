@@ -67,6 +67,19 @@ def edge_scalars(radial: torch.Tensor, z: torch.Tensor, edge: EdgeData, source: 
     return torch.cat([radial, source(z[edge.src]), target(z[edge.dst])], dim=-1)
 
 
+def gather_pairs(x: torch.Tensor, edge: EdgeData) -> torch.Tensor:
+    """[x_j, x_i] per edge j → i: node features [N, K, C] → [E, K, 2C] (source channels first).
+
+    One gather of C-channel rows from x viewed as [N·K, C], in the output's own order, so that its backward pass is
+    a single index_add of a contiguous gradient.  (Concatenating two gathers is 3× slower forward and 4× slower
+    backward on 21 000 edges: the halves of the concatenation's gradient are strided, the slow case of index_add.)
+    """
+    n, k, c = x.shape
+    coeff = torch.arange(k, device=x.device)
+    rows = torch.stack([edge.src[:, None] * k + coeff, edge.dst[:, None] * k + coeff], dim=-1)
+    return x.reshape(n * k, c).index_select(0, rows.reshape(-1)).view(-1, k, 2 * c)
+
+
 def _atom_edge_embeddings(num_elements: int, width: int) -> tuple[nn.Embedding, nn.Embedding]:
     source, target = nn.Embedding(num_elements, width), nn.Embedding(num_elements, width)
     nn.init.uniform_(source.weight, -1e-3, 1e-3)
@@ -127,8 +140,7 @@ class SO2GraphAttention(nn.Module):
         """x [N, (lmax+1)², C], z [N] → [N, (lmax+1)², C_out]."""
         n_edges = edge.src.shape[0]
         scalars = edge_scalars(edge.radial, z, edge, self.source_embedding, self.target_embedding)
-        # index_select (not x[idx]): its backward is index_add, much cheaper than indexed accumulation
-        pair = torch.cat([x.index_select(0, edge.src), x.index_select(0, edge.dst)], dim=-1)
+        pair = gather_pairs(x, edge)
         msg = torch.bmm(edge.rot, pair)
         msg, extra = self.conv_1(msg, scalars)
         n_alpha = self.num_heads * self.alpha_channels

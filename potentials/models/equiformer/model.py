@@ -51,8 +51,14 @@ def default_node_grid(lmax: int) -> tuple[int, int]:
 
 
 def default_edge_grid(lmax: int, mmax: int) -> tuple[int, int]:
-    """Default (res_beta, res_alpha) of the edge-frame S² grid (attention activation)."""
-    return lmax + 1, 8 * mmax + 8
+    """Default (res_beta, res_alpha) of the edge-frame S² grid (attention activation).
+
+    res_beta = lmax + 1 (Gauss–Legendre nodes: the least that is exact, and in the edge frame β needs no more, since
+    rotations about the edge only shift α).  res_alpha = 4·mmax + 6 up to lmax 2 and 8·mmax + 8 above: at lmax 2,
+    mmax 2 the 14 angles give the same force rotation error as 24 (the node grid's error dominates) for 40 % fewer
+    grid points, while at lmax 3 14 angles gave 3e-4 (see ``grid``).
+    """
+    return lmax + 1, (4 * mmax + 6 if lmax <= 2 else 8 * mmax + 8)
 
 
 def _resolution(value: int | Sequence[int] | None, default: tuple[int, int], lmax: int, mmax: int, what: str
