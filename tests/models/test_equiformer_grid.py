@@ -16,7 +16,7 @@ from torch_geometric.data import Batch
 
 from potentials.graph import AtomicGraph
 from potentials.models.equiformer import EquiformerV2
-from potentials.models.equiformer.grid import GridMLPCore, GridSiLU, S2Grid, SeparableS2Activation
+from potentials.models.equiformer.grid import GridMLPCore, GridSiLU, GridSiLUGrad, S2Grid, SeparableS2Activation
 from potentials.models.equiformer.so3 import EdgeLayout, num_coefficients, wigner_blocks, wigner_cg_tables
 from potentials.nn.sphere_grid import sphere_grid
 from potentials.potential import Potential
@@ -156,6 +156,20 @@ def test_chunked_grid_silu_gradients_and_second_derivatives(monkeypatch):
     torch.testing.assert_close(chunked, expected)
     assert torch.autograd.gradcheck(lambda t: GridSiLU.apply(t, synthesis, analysis), (x,))
     assert torch.autograd.gradgradcheck(lambda t: GridSiLU.apply(t, synthesis, analysis), (x,))
+    # second derivatives (the chunked backward of the backward) against the plain composition's
+    plain = torch.matmul(analysis, torch.nn.functional.silu(torch.matmul(synthesis, x)))
+    (first,) = torch.autograd.grad(GridSiLU.apply(x, synthesis, analysis), x, grad, create_graph=True)
+    grad.requires_grad_(True)
+    (first_plain,) = torch.autograd.grad(plain, x, grad, create_graph=True)
+    probe = torch.randn_like(first)
+    got = torch.autograd.grad((GridSiLUGrad.apply(x, grad, synthesis, analysis) * probe).sum(), (x, grad))
+    want = torch.autograd.grad((first_plain * probe).sum(), (x, grad))
+    torch.testing.assert_close(first, first_plain)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    # the gradient function itself: first derivatives chunked, second ones (a third derivative) plain
+    assert torch.autograd.gradcheck(lambda t, g: GridSiLUGrad.apply(t, g, synthesis, analysis), (x, grad))
+    assert torch.autograd.gradgradcheck(lambda t, g: GridSiLUGrad.apply(t, g, synthesis, analysis), (x, grad))
 
 
 def test_chunked_grid_mlp_gradients_and_second_derivatives(monkeypatch):

@@ -93,8 +93,8 @@ class GridSiLU(torch.autograd.Function):
     instead of B small ones, and the rows are processed in chunks so that the grid values [B·C, G] never exist at
     once (the backward pass recomputes them chunk by chunk, with a fused SiLU derivative).
 
-    When the backward pass itself must be differentiable (``create_graph=True``, as when training on forces) it is
-    written in ordinary differentiable operations instead, so higher derivatives are exact.
+    The backward pass is itself a function with a chunked backward (:class:`GridSiLUGrad`), so training on forces
+    (a derivative of this derivative) never holds grid values of all rows either.
     """
 
     #: grid values per chunk (rows × G): 1 M numbers, 4 MB in float32 (2^18 … 2^22 time alike on 64–500 atoms)
@@ -104,39 +104,94 @@ class GridSiLU(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, synthesis: torch.Tensor, analysis: torch.Tensor) -> torch.Tensor:
         n, k, c = x.shape
         rows = _rows(x)
-        ctx.save_for_backward(x, rows, synthesis, analysis)  # x itself for a differentiable backward pass
+        ctx.save_for_backward(x, synthesis, analysis)
         out = x.new_empty(n * c, analysis.shape[0])
-        step = max(1, GridSiLU.CHUNK_VALUES // synthesis.shape[0])
         synthesis_t, analysis_t = synthesis.T, analysis.T
-        for start in range(0, n * c, step):
-            values = torch.mm(rows[start:start + step], synthesis_t)
+        for chunk in _row_chunks(n * c, synthesis.shape[0]):
+            values = torch.mm(rows[chunk], synthesis_t)
             nn.functional.silu(values, inplace=True)
-            torch.mm(values, analysis_t, out=out[start:start + step])
+            torch.mm(values, analysis_t, out=out[chunk])
         return _unrows(out, n, c)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, rows, synthesis, analysis = ctx.saved_tensors
+        x, synthesis, analysis = ctx.saved_tensors
+        return GridSiLUGrad.apply(x, grad, synthesis, analysis), None, None
+
+
+class GridSiLUGrad(torch.autograd.Function):
+    """The gradient of :class:`GridSiLU` as a function of its input and of the output gradient g:
+
+        per row:  y = S·x,  h = Aᵀ·g,  grad_x = Sᵀ·(SiLU'(y) ⊙ h).
+
+    Its own backward pass (needed when training on forces), for an incoming gradient u of grad_x, with v = S·u:
+
+        ∂/∂g = A·(SiLU'(y) ⊙ v),   ∂/∂x = Sᵀ·(SiLU''(y) ⊙ h ⊙ v),
+
+    chunked over rows like the forward pass; only a third derivative falls back to plain differentiable operations.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, grad: torch.Tensor, synthesis: torch.Tensor, analysis: torch.Tensor
+                ) -> torch.Tensor:
         n, k, c = x.shape
-        if torch.is_grad_enabled():  # a graph of this backward pass is being built: differentiable operations only
-            y = torch.mm(_rows(x), synthesis.T)
-            return _unrows(torch.mm(_silu_slope(y) * torch.mm(_rows(grad), analysis), synthesis), n, c), None, None
-        grad_rows = _rows(grad)
+        ctx.save_for_backward(x, grad, synthesis, analysis)
+        rows, grad_rows = _rows(x), _rows(grad)
         out = x.new_empty(n * c, k)
-        step = max(1, GridSiLU.CHUNK_VALUES // synthesis.shape[0])
         # right-hand matrices in column-major order: twice as fast for these narrow products (MKL, 2 threads)
         synthesis_t, synthesis_cm = synthesis.T, synthesis.T.contiguous().T
-        for start in range(0, n * c, step):
-            y = torch.mm(rows[start:start + step], synthesis_t)
-            grad_y = torch.ops.aten.silu_backward(torch.mm(grad_rows[start:start + step], analysis), y)
-            torch.mm(grad_y, synthesis_cm, out=out[start:start + step])
-        return _unrows(out, n, c), None, None
+        for chunk in _row_chunks(n * c, synthesis.shape[0]):
+            y = torch.mm(rows[chunk], synthesis_t)
+            grad_y = torch.ops.aten.silu_backward(torch.mm(grad_rows[chunk], analysis), y)
+            torch.mm(grad_y, synthesis_cm, out=out[chunk])
+        return _unrows(out, n, c)
+
+    @staticmethod
+    def backward(ctx, u: torch.Tensor):
+        x, grad, synthesis, analysis = ctx.saved_tensors
+        n, k, c = x.shape
+        need_x, need_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # a graph of this backward pass is being built: differentiable operations only
+            y = torch.mm(_rows(x), synthesis.T)
+            v = torch.mm(_rows(u), synthesis.T)
+            h = torch.mm(_rows(grad), analysis)
+            slope, curvature = _silu_slope(y), _silu_curvature(y)
+            grad_x = _unrows(torch.mm(curvature * h * v, synthesis), n, c) if need_x else None
+            grad_g = _unrows(torch.mm(slope * v, analysis.T), n, c) if need_grad else None
+            return grad_x, grad_g, None, None
+        rows, grad_rows, u_rows = _rows(x), _rows(grad), _rows(u)
+        out_x = x.new_empty(n * c, k) if need_x else None
+        out_g = x.new_empty(n * c, analysis.shape[0]) if need_grad else None
+        synthesis_t, synthesis_cm, analysis_t = synthesis.T, synthesis.T.contiguous().T, analysis.contiguous().T
+        for chunk in _row_chunks(n * c, synthesis.shape[0]):
+            y = torch.mm(rows[chunk], synthesis_t)
+            v = torch.mm(u_rows[chunk], synthesis_t)
+            if need_grad:  # SiLU'(y) ⊙ v
+                torch.mm(torch.ops.aten.silu_backward(v, y), analysis_t, out=out_g[chunk])
+            if need_x:  # SiLU''(y) ⊙ h ⊙ v with SiLU'' = σ·(1 − σ)·(2 + y·(1 − 2σ))
+                sig = torch.sigmoid(y)
+                t = torch.addcmul(y, y, sig, value=-2.0).add_(2.0)  # 2 + y − 2yσ
+                t.mul_(sig).mul_(sig.neg_().add_(1.0)).mul_(torch.mm(grad_rows[chunk], analysis)).mul_(v)
+                torch.mm(t, synthesis_cm, out=out_x[chunk])
+        return (_unrows(out_x, n, c) if need_x else None), (_unrows(out_g, n, c) if need_grad else None), None, None
+
+
+def _row_chunks(n_rows: int, grid_size: int) -> list[slice]:
+    """Row ranges holding about :attr:`GridSiLU.CHUNK_VALUES` grid values each."""
+    step = max(1, GridSiLU.CHUNK_VALUES // max(grid_size, 1))
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
 
 def _silu_slope(y: torch.Tensor) -> torch.Tensor:
     """SiLU'(y) = σ(y)·(1 + y·(1 − σ(y))) in differentiable operations (for derivatives of the backward pass)."""
     sig = torch.sigmoid(y)
     return sig * (1.0 + y * (1.0 - sig))
+
+
+def _silu_curvature(y: torch.Tensor) -> torch.Tensor:
+    """SiLU''(y) = σ(y)·(1 − σ(y))·(2 + y·(1 − 2σ(y))) in differentiable operations."""
+    sig = torch.sigmoid(y)
+    return sig * (1.0 - sig) * (2.0 + y * (1.0 - 2.0 * sig))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
