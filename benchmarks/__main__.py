@@ -45,13 +45,17 @@ def _common(settings: suite.Settings, task: str, dtype: str, cfg: dict) -> dict:
 
 
 def run_infer(settings: suite.Settings, paths: dict[str, Path]) -> list[dict]:
+    """Every model in a fresh worker; with ``rounds`` > 1 the whole list again, in reverse order every other
+    round, so that a slow spell of a shared machine falls on different models (the report takes medians)."""
     entries = [{"name": n, "path": str(paths[n])} for n in settings.infer_structures]
+    models = list(suite.selected_models(settings).items())
     records = []
-    for label, (framework, cfg) in suite.selected_models(settings).items():
-        for dtype in settings.dtypes:
-            req = {**_common(settings, "infer", dtype, cfg), "structures": entries,
-                   "warmup": settings.warmup, "steps": settings.steps}
-            records.append(_record(framework, label, req, settings, timeout=3600))
+    for round_index in range(settings.rounds):
+        for label, (framework, cfg) in (models if round_index % 2 == 0 else models[::-1]):
+            for dtype in settings.dtypes:
+                req = {**_common(settings, "infer", dtype, cfg), "structures": entries,
+                       "warmup": settings.warmup, "steps": settings.steps}
+                records.append({**_record(framework, label, req, settings, timeout=3600), "round": round_index})
     return records
 
 
@@ -103,7 +107,7 @@ def run(args: argparse.Namespace) -> Path:
         frameworks=tuple(args.frameworks.split(",")) if args.frameworks else None,
         models=tuple(args.models.split(",")) if args.models else None,
         accuracy_models=tuple(args.accuracy_models.split(",")) if args.accuracy_models else None,
-        omp_wait_policy=args.omp_wait, malloc=args.malloc)
+        omp_wait_policy=args.omp_wait, malloc=args.malloc, rounds=args.rounds)
     start = dt.datetime.now()
     meta = {"start": start.isoformat(timespec="seconds"), "machine_start": report.machine_info(),
             "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -186,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--dtypes", help="comma-separated subset of float32,float64")
     r.add_argument("--structures", help="inference structures, e.g. si64,cu500,ethanol,oc20")
     r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--rounds", type=int, help="repeat the inference part this many times, models interleaved; "
+                                              "the report gives the median over rounds and their spread")
     r.add_argument("--budget", type=float, help="seconds of training per model for the accuracy part")
     r.add_argument("--omp-wait", default="PASSIVE", help="OMP_WAIT_POLICY for workers (PASSIVE, ACTIVE or none)")
     r.add_argument("--malloc", default="tuned", choices=("tuned", "system"),

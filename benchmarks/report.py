@@ -11,6 +11,7 @@ import datetime as _dt
 import os
 import platform
 import socket
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -77,20 +78,60 @@ def _rows(records: list[dict]):
                 yield rec, entry
 
 
+def merge_rounds(records: list[dict]) -> list[dict]:
+    """One record per (model, dtype) from the inference records of several rounds.
+
+    Per structure: the median over rounds of each round's median step time (and the rates from it), the least
+    single step time, and the rounds' medians themselves (``round_model_ms``); a single round passes unchanged.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for rec in records:
+        if "result" in rec:
+            groups.setdefault((rec["label"], rec["framework"], rec["result"]["dtype"]), []).append(rec)
+    merged = [rec for rec in records if "error" in rec]
+    for recs in groups.values():
+        if len(recs) == 1:
+            merged.append(recs[0])
+            continue
+        entries: dict[str, list[dict]] = {}
+        for rec in recs:
+            for e in rec["result"]["results"]:
+                entries.setdefault(e["structure"], []).append(e)
+        results = []
+        for es in entries.values():
+            model_ms = statistics.median(e["model_ms"] for e in es)
+            total_ms = statistics.median(e["total_ms"] for e in es)
+            n = es[0]["n_atoms"]
+            results.append({**es[0], "model_ms": model_ms, "total_ms": total_ms,
+                            "graph_ms": statistics.median(e["graph_ms"] for e in es),
+                            "model_ms_min": min(e.get("model_ms_min", e["model_ms"]) for e in es),
+                            "steps_per_s": 1e3 / model_ms, "atom_steps_per_s": 1e3 * n / model_ms,
+                            "steps_per_s_with_graph": 1e3 / total_ms, "atom_steps_per_s_with_graph": 1e3 * n / total_ms,
+                            "round_model_ms": [e["model_ms"] for e in es]})
+        merged.append({**recs[0], "result": {**recs[0]["result"], "results": results}, "rounds": len(recs)})
+    return merged
+
+
 def infer_table(records: list[dict], reference: str = "mace-64") -> str:
-    """Energy + forces + stress per step, model alone and with graph building."""
+    """Energy + forces + stress per step, model alone and with graph building (medians over rounds, if several)."""
+    records = merge_rounds(records)
     ref = {(e["structure"], r["result"]["dtype"]): e["atom_steps_per_s"]
            for r, e in _rows(records) if r["label"] == reference}
+    rounds = any("rounds" in r for r in records)
     headers = ["model", "framework", "params", "dtype", "structure", "atoms", "edges", "model ms", "min ms", "steps/s",
                "atom-steps/s", "graph ms", "steps/s incl. graph", "atom-steps/s incl. graph", f"× {reference}"]
+    headers += ["model ms of each round"] if rounds else []
     rows = []
     for rec, e in _rows(records):
         res = rec["result"]
         r = ref.get((e["structure"], res["dtype"]))
-        rows.append([rec["label"], rec["framework"], res["model"].get("n_params"), res["dtype"], e["structure"],
-                     e["n_atoms"], e["n_edges"], e["model_ms"], e.get("model_ms_min"), e["steps_per_s"],
-                     e["atom_steps_per_s"], e["graph_ms"], e["steps_per_s_with_graph"],
-                     e["atom_steps_per_s_with_graph"], e["atom_steps_per_s"] / r if r else None])
+        row = [rec["label"], rec["framework"], res["model"].get("n_params"), res["dtype"], e["structure"],
+               e["n_atoms"], e["n_edges"], e["model_ms"], e.get("model_ms_min"), e["steps_per_s"],
+               e["atom_steps_per_s"], e["graph_ms"], e["steps_per_s_with_graph"],
+               e["atom_steps_per_s_with_graph"], e["atom_steps_per_s"] / r if r else None]
+        if rounds:
+            row.append(", ".join(fmt(v) for v in e.get("round_model_ms", [e["model_ms"]])))
+        rows.append(row)
     return markdown_table(headers, rows) + _errors(records)
 
 
@@ -138,6 +179,7 @@ def neighbors_table(rows: list[dict]) -> str:
 
 def plot_throughput(records: list[dict], path: Path, key: str = "atom_steps_per_s") -> Path:
     """Grouped bars: one group per (structure, dtype), one bar per model; log scale."""
+    records = merge_rounds(records)
     groups = sorted({(e["structure"], r["result"]["dtype"]) for r, e in _rows(records)})
     labels = list(dict.fromkeys(r["label"] for r, _ in _rows(records)))
     values = {(r["label"], e["structure"], r["result"]["dtype"]): e[key] for r, e in _rows(records)}

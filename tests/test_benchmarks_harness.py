@@ -82,6 +82,26 @@ def test_infer_table_ratios_against_reference_and_lists_failures():
     assert "Traceback" not in table
 
 
+def test_rounds_are_merged_into_medians():
+    """Three rounds of two models: rates from the median round, the least step time, every round's median."""
+    records = []
+    for round_index, (mace, egnn) in enumerate([(100.0, 250.0), (50.0, 400.0), (110.0, 240.0)]):
+        records += [{**_infer_record("mace-64", "mace", "si64", mace), "round": round_index},
+                    {**_infer_record("egnn-64", "ours", "si64", egnn), "round": round_index}]
+    merged = {r["label"]: r for r in report.merge_rounds(records)}
+    assert merged["mace-64"]["rounds"] == 3
+    mace = merged["mace-64"]["result"]["results"][0]
+    assert mace["atom_steps_per_s"] == pytest.approx(100.0)  # median of 640, 1280, 582 ms per step: 640 ms
+    assert mace["model_ms_min"] == pytest.approx(64e3 / 110.0)
+    assert len(mace["round_model_ms"]) == 3
+    table = report.infer_table(records, reference="mace-64")
+    egnn_rows = [ln for ln in table.splitlines() if ln.startswith("| egnn-64")]
+    assert len(egnn_rows) == 1 and "| 2.5 |" in egnn_rows[0]  # 250 (the median round) over 100
+    assert "model ms of each round" in table
+    # a single round keeps the plain table
+    assert "each round" not in report.infer_table(records[:2], reference="mace-64")
+
+
 def test_markdown_report_has_run_facts(tmp_path):
     path = report.write_markdown(tmp_path / "r.md", {"command": "python -m benchmarks run --quick", "threads": 2},
                                  [("Inference", report.markdown_table(["a", "b"], [[1, 2.34567]]))])
