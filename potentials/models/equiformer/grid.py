@@ -42,14 +42,14 @@ res_alpha.)  In β the edge grid needs no more than the lmax + 1 nodes that make
 axis, the only freedom of the edge frame, move the grid along α.
 
 Trained weights give larger errors than these.  After 150 steps (lr 2e-3) on the default EMT metal set, an
-lmax 2, mmax 2, C 64, 2-block model gave, on a rattled 32-atom CuAu cell: 8e-5 (stress 5e-5) at the default grids,
-8e-5 with the old 3 × 24 edge grid, 1.2e-4 at a 10 × 20 node grid, 3.5e-5 at 16 × 32, 7e-6 at 24 × 48 nodes with
-a 3 × 32 edge grid, and 1e-3 at eSCN-MD's 6 × 7 grids; the node grid dominates.  Where the rotation error of a
-trained model matters, raise ``grid_resolution`` (grids hold no weights: the cost is time only) or use the exactly
-equivariant gate activation.  The separable activation alone, on
-unit-variance inputs (lmax = 2, node grid): res_beta 3 → 2e-1, 6 → 2e-2, 12 → 1e-3, 24 → 8e-6.  For comparison,
-the paper's 18 × 18 equiangular grid at lmax = 6 is about as exact as res_beta = 9 here, far coarser than any row
-above.
+lmax 2, mmax 2, C 64, 2-block model gave, on a rattled 32-atom CuAu cell: 8e-5 (stress 5e-5) at the default grids
+(12 × 24 node, 3 × 14 edge points); node grid 16 × 32: 6e-5, and with a 3 × 16 edge grid 4e-5; with the former
+3 × 24 edge grid: 8e-5 at 12 × 24 nodes, 1.2e-4 at 10 × 20, 3.5e-5 at 16 × 32; 7e-6 at 24 × 48 nodes with a
+3 × 32 edge grid; 1e-3 at eSCN-MD's 6 × 7 grids.  At the defaults the node grid dominates.  Where the rotation
+error of a trained model matters, raise the resolutions (grids hold no weights: the cost is time only) or use the
+exactly equivariant gate activation.  The separable activation alone, on unit-variance inputs (lmax = 2, node
+grid): res_beta 3 → 2e-1, 6 → 2e-2, 12 → 1e-3, 24 → 8e-6.  For comparison, the paper's 18 × 18 equiangular grid
+at lmax = 6 is about as exact as res_beta = 9 here, far coarser than any row above.
 """
 
 from __future__ import annotations
