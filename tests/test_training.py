@@ -119,3 +119,25 @@ def test_summary_aligns_the_test_metrics(capsys):
             or line.strip().startswith("ewt")]
     assert len(rows) == 3
     assert len({row.index(".") for row in rows}) == 1  # the decimal points line up
+
+
+def test_ema_update_and_fused_optimiser():
+    """EMA ← d·EMA + (1 − d)·weights with d = min(ema_decay, (1 + steps)/(10 + steps)); AdamW runs fused."""
+    from potentials.training.module import PotentialModule
+
+    torch.manual_seed(0)
+    module = PotentialModule(Potential(EGNN(cutoff=3.0, channels=8, num_layers=1), 3.0), PotentialLoss(),
+                             scheduler="constant", ema_decay=0.9)
+    before = [p.detach().clone() for p in module.ema.parameters()]
+    with torch.no_grad():
+        for p in module.potential.parameters():
+            p.add_(torch.randn_like(p))
+    module._update_ema(steps=100)  # decay min(0.9, 101/110) = 0.9
+    for e, b, p in zip(module.ema.parameters(), before, module.potential.parameters(), strict=True):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * p.detach())
+    before = [p.detach().clone() for p in module.ema.parameters()]
+    module._update_ema(steps=2)  # warm-up: decay 3/12
+    for e, b, p in zip(module.ema.parameters(), before, module.potential.parameters(), strict=True):
+        torch.testing.assert_close(e, 0.25 * b + 0.75 * p.detach())
+    optimizer = module.configure_optimizers()
+    assert all(group["fused"] for group in optimizer.param_groups)
