@@ -22,6 +22,7 @@ from torch import nn
 from potentials import keys
 from potentials.errors import PotentialsInputError
 from potentials.neighbors import edge_vectors
+from potentials.nn import grad_scope
 
 NUM_Z = 119
 
@@ -124,7 +125,11 @@ class Potential(nn.Module):
             data = copy.copy(data)  # shallow: new attribute store, same tensors
             data.batch = batch
             data.edge_vec = edge_vectors(pos, data.edge_index, data.cell_offsets, cell, batch)
-            out = self.model(data)
+            # differentiated below with respect to positions and strain only, the graph not kept: no parameter
+            # gradients can be asked of it (custom autograd functions may then skip theirs)
+            derivatives_only = bool(inputs) and not create_graph and not getattr(self.model, "direct_forces", False)
+            with grad_scope.inputs_only(derivatives_only):
+                out = self.model(data)
             direct_forces = None
             if isinstance(out, Mapping):
                 direct_forces = out.get(keys.FORCES)

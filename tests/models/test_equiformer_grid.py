@@ -16,8 +16,16 @@ from torch_geometric.data import Batch
 
 from potentials.graph import AtomicGraph
 from potentials.models.equiformer import EquiformerV2
-from potentials.models.equiformer.grid import GridMLPCore, GridSiLU, GridSiLUGrad, S2Grid, SeparableS2Activation
+from potentials.models.equiformer.grid import (
+    GridMLP,
+    GridMLPCore,
+    GridSiLU,
+    GridSiLUGrad,
+    S2Grid,
+    SeparableS2Activation,
+)
 from potentials.models.equiformer.so3 import EdgeLayout, num_coefficients, wigner_blocks, wigner_cg_tables
+from potentials.nn import grad_scope, native
 from potentials.nn.sphere_grid import sphere_grid
 from potentials.potential import Potential
 
@@ -142,8 +150,14 @@ def test_model_is_equivariant_to_round_off_without_grid_error(variant):
     assert err_e < 1e-12 and err_f < 1e-9 and err_s < 1e-9
 
 
-def test_chunked_grid_silu_gradients_and_second_derivatives(monkeypatch):
-    """The chunked activation (grid values recomputed in the backward pass) against the plain composition."""
+@pytest.mark.parametrize("path", ["compiled kernel", "tensor operations"])
+def test_chunked_grid_silu_gradients_and_second_derivatives(monkeypatch, path):
+    """The activation (the compiled kernel, or chunked tensor operations: grid values recomputed in the backward
+    pass) against the plain composition."""
+    if path == "tensor operations":
+        monkeypatch.setitem(native._state, "disabled", 1)
+    else:
+        assert native.grid_kernels(torch.zeros(1, dtype=torch.float64)) is not None, native.unavailable_reason()
     grid = S2Grid(3, EdgeLayout(3, 2).full_index, 4, 10)
     synthesis, analysis = grid.to_grid_mat, grid.from_grid_mat[1:]
     monkeypatch.setattr(GridSiLU, "CHUNK_VALUES", 5 * synthesis.shape[0])  # 21 rows in chunks of 5, the last short
@@ -193,6 +207,40 @@ def test_chunked_grid_mlp_gradients_and_second_derivatives(monkeypatch):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(lambda t, w: GridMLPCore.apply(t, synthesis, analysis, w), (h, weight))
     assert torch.autograd.gradgradcheck(lambda t, w: GridMLPCore.apply(t, synthesis, analysis, w), (h, weight))
+
+
+def test_inference_skips_the_grid_mlp_weight_gradient_training_keeps_it():
+    """Forces and stress without a kept graph take the grid MLP's weight as a constant (no weight gradient is
+    computed); the same call with the graph kept (training on forces) still trains that weight."""
+    potential = _model(2, 8)
+    graph = Batch.from_data_list([AtomicGraph.from_atoms(_bulk(), CUTOFF, dtype=torch.float64)])
+    weights = [m.mlp[2].weight for m in potential.modules() if isinstance(m, GridMLP)]
+    assert weights and all(w.requires_grad for w in weights)
+    calls = []
+    original = GridMLPCore.backward
+
+    def spy(ctx, grad):
+        calls.append(ctx.needs_input_grad[3])
+        return original(ctx, grad)
+
+    GridMLPCore.backward = staticmethod(spy)
+    try:
+        fast = potential(graph)
+        with grad_scope.inputs_only(False):  # the same call as if parameter gradients could be asked for
+            potential.model.direct_forces = True  # (Potential then keeps parameters differentiable)
+            full = potential(graph)
+            potential.model.direct_forces = False
+        assert calls == [False] * len(weights) + [True] * len(weights)
+        for key in ("energy", "forces", "stress"):
+            torch.testing.assert_close(fast[key], full[key], rtol=1e-13, atol=1e-13)
+        calls.clear()
+        out = potential(graph, create_graph=True)
+        (out["forces"] ** 2).sum().backward()
+        assert len(calls) >= len(weights) and all(calls)  # forces, then the loss's way back through the outputs
+        assert all(w.grad is not None for w in weights)
+        assert weights[0].grad.abs().sum() > 0  # (the last block's l > 0 outputs reach no energy)
+    finally:
+        GridMLPCore.backward = original
 
 
 def test_model_files_keep_their_grids(tmp_path):

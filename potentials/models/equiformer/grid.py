@@ -57,6 +57,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from potentials.nn import grad_scope
+from potentials.nn.native import grid_kernels
 from potentials.nn.sphere_grid import sh_grid_matrices
 
 
@@ -95,6 +97,11 @@ class GridSiLU(torch.autograd.Function):
 
     The backward pass is itself a function with a chunked backward (:class:`GridSiLUGrad`), so training on forces
     (a derivative of this derivative) never holds grid values of all rows either.
+
+    On the CPU the three steps (this function, its gradient and the gradient's derivative) run in a compiled kernel
+    (:mod:`potentials.nn.native`) where one can be built: the same function, the grid values of one row's channel
+    tile kept in cache, 2–4× faster than the chunked tensor operations, which remain the path on GPUs and the
+    fallback.
     """
 
     #: grid values per chunk (rows × G): 1 M numbers, 4 MB in float32 (2^18 … 2^22 time alike on 64–500 atoms)
@@ -102,6 +109,11 @@ class GridSiLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, synthesis: torch.Tensor, analysis: torch.Tensor) -> torch.Tensor:
+        kernels = grid_kernels(x, synthesis, analysis)
+        if kernels is not None:  # the compiled kernel (potentials.nn.native): the same function, fused
+            x, synthesis, analysis = x.contiguous(), synthesis.contiguous(), analysis.contiguous()
+            ctx.save_for_backward(x, None, synthesis, analysis)
+            return kernels.forward(x, synthesis, analysis)
         n, k, c = x.shape
         rows = _rows(x)
         ctx.save_for_backward(x, rows, synthesis, analysis)
@@ -135,6 +147,12 @@ class GridSiLUGrad(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, grad: torch.Tensor, synthesis: torch.Tensor, analysis: torch.Tensor,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """``rows``: ``_rows(x)`` if the caller has it already."""
+        kernels = grid_kernels(x, grad, synthesis, analysis)
+        if kernels is not None:
+            x, grad = x.contiguous(), grad.contiguous()
+            synthesis, analysis = synthesis.contiguous(), analysis.contiguous()
+            ctx.save_for_backward(x, None, grad, None, synthesis, analysis)
+            return kernels.backward(x, grad, synthesis, analysis)
         n, k, c = x.shape
         rows = _rows(x) if rows is None else rows
         grad_rows = _rows(grad)
@@ -161,6 +179,13 @@ class GridSiLUGrad(torch.autograd.Function):
             grad_x = _unrows(torch.mm(curvature * h * v, synthesis), n, c) if need_x else None
             grad_g = _unrows(torch.mm(slope * v, analysis.T), n, c) if need_grad else None
             return grad_x, grad_g, None, None, None
+        kernels = grid_kernels(x, grad, u, synthesis, analysis)
+        if kernels is not None:
+            grad_x, grad_g = kernels.double_backward(x.contiguous(), grad.contiguous(), u.contiguous(),
+                                                    synthesis.contiguous(), analysis.contiguous(), need_x, need_grad)
+            return grad_x, grad_g, None, None, None
+        rows = _rows(x) if rows is None else rows
+        grad_rows = _rows(grad) if grad_rows is None else grad_rows
         u_rows = _rows(u)
         out_x = x.new_empty(n * c, k) if need_x else None
         out_g = x.new_empty(n * c, analysis.shape[0]) if need_grad else None
@@ -269,14 +294,15 @@ class GridMLPCore(torch.autograd.Function):
             return grad_h, None, None, grad_weight
         gt = grad.transpose(0, 1).contiguous()  # [K', B, C]
         grad_ht = h.new_empty(k, n, c)
-        grad_weight = torch.zeros_like(weight)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[3] else None
         for chunk in _chunks(n, g * c):
             u = torch.mm(synthesis, ht[:, chunk].reshape(k, -1)).view(-1, c)
             a = nn.functional.silu(u)
             pre = torch.mm(a, weight.T)
             grad_v = torch.mm(analysis.T, gt[:, chunk].reshape(analysis.shape[0], -1)).view(-1, c)
             grad_pre = torch.ops.aten.silu_backward(grad_v, pre)
-            grad_weight.addmm_(grad_pre.T, a)
+            if grad_weight is not None:  # not in inference (potentials.nn.grad_scope)
+                grad_weight.addmm_(grad_pre.T, a)
             grad_u = torch.ops.aten.silu_backward(torch.mm(grad_pre, weight), u)
             grad_ht[:, chunk] = torch.mm(synthesis.T, grad_u.view(g, -1)).view(k, -1, c)
         return grad_ht.transpose(0, 1).contiguous(), None, None, grad_weight
@@ -307,5 +333,5 @@ class GridMLP(nn.Module):
         first, _, middle, _, last = self.mlp
         synthesis = self.grid.to_grid_mat.to(x.dtype)
         analysis = self.grid.from_grid_mat[1:].to(x.dtype)
-        higher = last(GridMLPCore.apply(first(x), synthesis, analysis, middle.weight))
+        higher = last(GridMLPCore.apply(first(x), synthesis, analysis, grad_scope.parameter(middle.weight)))
         return torch.cat([scalars.unsqueeze(1), higher], dim=1)

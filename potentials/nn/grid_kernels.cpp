@@ -1,0 +1,234 @@
+// Fused S² grid activation on the CPU, out = A · SiLU(S · x) per row, with its gradient and the gradient's
+// derivative: coefficients → values on the grid → SiLU → coefficients, one tile of channels of one row at a time,
+// so the grid values live in the L1 cache and never in memory.  Built and loaded by potentials/nn/native.py.
+//
+// Layout: x [B, K, C] (row, coefficient, channel; channels contiguous), row-major matrices: synthesis S [G, K]
+// (coefficients → grid values), analysis A [KO, G] (grid values → coefficients).  Rows are shared among OpenMP
+// threads (the runtime PyTorch has loaded).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int TILE = 64;  // channels per inner block
+
+template <typename T> struct Consts;
+template <> struct Consts<float> {
+  using U = uint32_t;
+  static constexpr int mantissa = 23;
+  static constexpr U bias = 127;
+  static constexpr float shifter = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer held in the low bits
+  static constexpr float lo = -87.0f, hi = 88.0f;
+  static constexpr float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+};
+template <> struct Consts<double> {
+  using U = uint64_t;
+  static constexpr int mantissa = 52;
+  static constexpr U bias = 1023;
+  static constexpr double shifter = 6755399441055744.0;  // 1.5·2^52
+  static constexpr double lo = -708.0, hi = 709.0;
+  static constexpr double log2e = 1.4426950408889634074, ln2_hi = 6.93147180369123816490e-01,
+                          ln2_lo = 1.90821492927058770002e-10;
+};
+
+// exp(x) for x clamped to the finite range: x = n·ln2 + r, |r| ≤ ln2/2, exp(r) by its Taylor series (degree 7 in
+// float, 13 in double: truncation below half an ulp), 2^n assembled in the exponent bits.  Branch-free, so the
+// loops that call it vectorise.
+template <typename T>
+inline T exp_clamped(T x) {
+  using K = Consts<T>;
+  using U = typename K::U;
+  x = std::min(std::max(x, K::lo), K::hi);
+  T shifted = x * K::log2e + K::shifter;
+  U bits;
+  std::memcpy(&bits, &shifted, sizeof(T));
+  T n = shifted - K::shifter;
+  T r = x - n * K::ln2_hi - n * K::ln2_lo;
+  T p;
+  if constexpr (sizeof(T) == 4) {
+    p = 1.0f / 5040;
+    p = p * r + 1.0f / 720; p = p * r + 1.0f / 120; p = p * r + 1.0f / 24; p = p * r + 1.0f / 6;
+    p = p * r + 0.5f; p = p * r + 1.0f; p = p * r + 1.0f;
+  } else {
+    p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0; p = p * r + 1.0 / 39916800.0; p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0; p = p * r + 1.0 / 40320.0; p = p * r + 1.0 / 5040.0; p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0; p = p * r + 1.0 / 24.0; p = p * r + 1.0 / 6.0; p = p * r + 0.5;
+    p = p * r + 1.0; p = p * r + 1.0;
+  }
+  U scale_bits = (bits + K::bias) << K::mantissa;
+  T scale;
+  std::memcpy(&scale, &scale_bits, sizeof(T));
+  return p * scale;
+}
+
+template <typename T>
+inline T sigmoid(T y) { return T(1) / (T(1) + exp_clamped<T>(-y)); }
+
+// acc[c] = Σ_i w[i·w_stride] rows[i·row_stride + c] over one tile of TILE channels: the accumulator stays in
+// registers, one load per multiply-add
+template <typename T>
+inline void combine(const T* __restrict w, int64_t w_stride, int64_t n, const T* __restrict rows, int64_t row_stride,
+                    T* __restrict out) {
+  alignas(64) T acc[TILE] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    const T wi = w[i * w_stride];
+    const T* row = rows + i * row_stride;
+#pragma omp simd aligned(acc : 64)
+    for (int c = 0; c < TILE; ++c) acc[c] += wi * row[c];
+  }
+  for (int c = 0; c < TILE; ++c) out[c] = acc[c];
+}
+
+// One tile of channels of one row b: its inputs copied to [n, TILE] buffers (zero-padded past the last channel)
+template <typename T>
+inline void load_tile(const T* src, int64_t n, int64_t C, int64_t c0, int width, T* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(dst + i * TILE, src + i * C + c0, width * sizeof(T));
+    std::fill(dst + i * TILE + width, dst + (i + 1) * TILE, T(0));
+  }
+}
+
+template <typename T>
+inline void store_tile(const T* src, int64_t n, int64_t C, int64_t c0, int width, T* dst) {
+  for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * C + c0, src + i * TILE, width * sizeof(T));
+}
+
+template <typename T>
+struct Scratch {  // per-thread buffers, [rows, TILE] each
+  std::vector<T> a, b, c, d, e;
+  Scratch(int64_t K, int64_t G, int64_t KO)
+      : a(K * TILE), b(std::max(K, KO) * TILE), c(G * TILE), d(G * TILE), e(std::max(K, KO) * TILE) {}
+};
+
+// out = A · SiLU(S · x)
+template <typename T>
+void forward(const T* x, const T* S, const T* A, T* out, int64_t B, int64_t K, int64_t G, int64_t KO, int64_t C,
+             int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch<T> s(K, G, KO);
+    T *xt = s.a.data(), *values = s.c.data(), *ot = s.b.data();
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c0 = 0; c0 < C; c0 += TILE) {
+        const int width = static_cast<int>(std::min<int64_t>(TILE, C - c0));
+        load_tile(x + b * K * C, K, C, c0, width, xt);
+        for (int64_t g = 0; g < G; ++g) {
+          T* y = values + g * TILE;
+          combine(S + g * K, 1, K, xt, TILE, y);
+#pragma omp simd
+          for (int c = 0; c < TILE; ++c) y[c] = y[c] * sigmoid(y[c]);
+        }
+        for (int64_t k = 0; k < KO; ++k) combine(A + k * G, 1, G, values, TILE, ot + k * TILE);
+        store_tile(ot, KO, C, c0, width, out + b * KO * C);
+      }
+    }
+  }
+}
+
+// grad_x = Sᵀ · (SiLU'(S·x) ⊙ (Aᵀ · grad))
+template <typename T>
+void backward(const T* x, const T* grad, const T* S, const T* A, T* out, int64_t B, int64_t K, int64_t G,
+              int64_t KO, int64_t C, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch<T> s(K, G, KO);
+    T *xt = s.a.data(), *gt = s.b.data(), *values = s.c.data(), *ot = s.e.data();
+    alignas(64) T h[TILE];
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c0 = 0; c0 < C; c0 += TILE) {
+        const int width = static_cast<int>(std::min<int64_t>(TILE, C - c0));
+        load_tile(x + b * K * C, K, C, c0, width, xt);
+        load_tile(grad + b * KO * C, KO, C, c0, width, gt);
+        for (int64_t g = 0; g < G; ++g) {
+          T* y = values + g * TILE;
+          combine(S + g * K, 1, K, xt, TILE, y);
+          combine(A + g, G, KO, gt, TILE, h);
+#pragma omp simd
+          for (int c = 0; c < TILE; ++c) {
+            const T sg = sigmoid(y[c]);
+            y[c] = sg * (T(1) + y[c] * (T(1) - sg)) * h[c];
+          }
+        }
+        for (int64_t k = 0; k < K; ++k) combine(S + k, K, G, values, TILE, ot + k * TILE);
+        store_tile(ot, K, C, c0, width, out + b * K * C);
+      }
+    }
+  }
+}
+
+// For the gradient u of grad_x = backward(x, grad):  out_grad = A · (SiLU'(y) ⊙ v),
+// out_x = Sᵀ · (SiLU''(y) ⊙ h ⊙ v), with y = S·x, v = S·u, h = Aᵀ·grad.  Either output may be null.
+template <typename T>
+void double_backward(const T* x, const T* grad, const T* u, const T* S, const T* A, T* out_x, T* out_grad,
+                     int64_t B, int64_t K, int64_t G, int64_t KO, int64_t C, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    Scratch<T> s(K, G, KO);
+    std::vector<T> ubuf(K * TILE);
+    T *xt = s.a.data(), *gt = s.b.data(), *slope = s.c.data(), *curv = s.d.data(), *ot = s.e.data();
+    T* ut = ubuf.data();
+    alignas(64) T y[TILE];
+    alignas(64) T v[TILE];
+    alignas(64) T h[TILE];
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c0 = 0; c0 < C; c0 += TILE) {
+        const int width = static_cast<int>(std::min<int64_t>(TILE, C - c0));
+        load_tile(x + b * K * C, K, C, c0, width, xt);
+        load_tile(u + b * K * C, K, C, c0, width, ut);
+        if (out_x) load_tile(grad + b * KO * C, KO, C, c0, width, gt);
+        for (int64_t g = 0; g < G; ++g) {
+          combine(S + g * K, 1, K, xt, TILE, y);
+          combine(S + g * K, 1, K, ut, TILE, v);
+          if (out_x) combine(A + g, G, KO, gt, TILE, h);
+          T* t1 = slope + g * TILE;
+          T* t2 = curv + g * TILE;
+#pragma omp simd
+          for (int c = 0; c < TILE; ++c) {
+            const T sg = sigmoid(y[c]);
+            t1[c] = sg * (T(1) + y[c] * (T(1) - sg)) * v[c];
+            t2[c] = sg * (T(1) - sg) * (T(2) + y[c] * (T(1) - T(2) * sg)) * v[c];
+          }
+          if (out_x) {
+#pragma omp simd
+            for (int c = 0; c < TILE; ++c) t2[c] *= h[c];
+          }
+        }
+        if (out_grad) {
+          for (int64_t k = 0; k < KO; ++k) combine(A + k * G, 1, G, slope, TILE, ot + k * TILE);
+          store_tile(ot, KO, C, c0, width, out_grad + b * KO * C);
+        }
+        if (out_x) {
+          for (int64_t k = 0; k < K; ++k) combine(S + k, K, G, curv, TILE, ot + k * TILE);
+          store_tile(ot, K, C, c0, width, out_x + b * K * C);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+#define EXPORT(T, SUFFIX)                                                                                          \
+  extern "C" void grid_silu_forward_##SUFFIX(const T* x, const T* S, const T* A, T* out, int64_t B, int64_t K,     \
+                                             int64_t G, int64_t KO, int64_t C, int threads) {                    \
+    forward<T>(x, S, A, out, B, K, G, KO, C, threads);                                                             \
+  }                                                                                                                \
+  extern "C" void grid_silu_backward_##SUFFIX(const T* x, const T* grad, const T* S, const T* A, T* out,          \
+                                              int64_t B, int64_t K, int64_t G, int64_t KO, int64_t C,             \
+                                              int threads) {                                                      \
+    backward<T>(x, grad, S, A, out, B, K, G, KO, C, threads);                                                      \
+  }                                                                                                                \
+  extern "C" void grid_silu_double_backward_##SUFFIX(const T* x, const T* grad, const T* u, const T* S,           \
+                                                     const T* A, T* out_x, T* out_grad, int64_t B, int64_t K,     \
+                                                     int64_t G, int64_t KO, int64_t C, int threads) {             \
+    double_backward<T>(x, grad, u, S, A, out_x, out_grad, B, K, G, KO, C, threads);                                \
+  }
+
+EXPORT(float, f32)
+EXPORT(double, f64)

@@ -1,0 +1,120 @@
+"""The compiled CPU kernels (potentials.nn.native): the same values as tensor operations, clear failures."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from potentials.models.equiformer.grid import GridSiLU, GridSiLUGrad, S2Grid
+from potentials.models.equiformer.so3 import EdgeLayout
+from potentials.nn import native
+
+
+def _operands(dtype, rows=33, channels=70, scale=1.0):
+    """Edge-frame grid of lmax 2, mmax 1 (K = 7 coefficients, 3 × 6 points); 70 channels: one full tile of 64 and a
+    partial one."""
+    grid = S2Grid(2, EdgeLayout(2, 1).full_index, 3, 6)
+    synthesis = grid.to_grid_mat.to(dtype).contiguous()
+    analysis = grid.from_grid_mat[1:].to(dtype).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    k, ko = synthesis.shape[1], analysis.shape[0]
+    x = scale * torch.randn(rows, k, channels, dtype=dtype, generator=gen)
+    grad = torch.randn(rows, ko, channels, dtype=dtype, generator=gen)
+    u = torch.randn(rows, k, channels, dtype=dtype, generator=gen)
+    return x, grad, u, synthesis, analysis
+
+
+def _kernels():
+    kernels = native.grid_kernels(torch.zeros(1))
+    assert kernels is not None, f"the kernels must build on this machine: {native.unavailable_reason()}"
+    return kernels
+
+
+def _tensor_path(x, grad, u, synthesis, analysis):
+    """Forward, gradient and the gradient's derivatives through the autograd functions without the kernels."""
+    with native.kernels_disabled():
+        x = x.clone().requires_grad_(True)
+        grad = grad.clone().requires_grad_(True)
+        out = GridSiLU.apply(x, synthesis, analysis)
+        first = GridSiLUGrad.apply(x, grad, synthesis, analysis)
+        second = torch.autograd.grad(first, (x, grad), u)
+    return out.detach(), first.detach(), second
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+@pytest.mark.parametrize("scale", [1.0, 300.0])
+def test_kernels_match_tensor_operations(dtype, tol, scale):
+    """All three kernels against the tensor-operation path; scale 300 drives SiLU into both tails (exp clamped)."""
+    x, grad, u, synthesis, analysis = _operands(dtype, scale=scale)
+    kernels = _kernels()
+    out, first, (second_x, second_grad) = _tensor_path(x, grad, u, synthesis, analysis)
+    size = lambda t: t.abs().max().item()  # noqa: E731
+    torch.testing.assert_close(kernels.forward(x, synthesis, analysis), out, rtol=tol, atol=tol * size(out))
+    torch.testing.assert_close(kernels.backward(x, grad, synthesis, analysis), first, rtol=tol,
+                               atol=tol * size(first))
+    got_x, got_grad = kernels.double_backward(x, grad, u, synthesis, analysis)
+    torch.testing.assert_close(got_x, second_x, rtol=tol, atol=tol * size(second_x))
+    torch.testing.assert_close(got_grad, second_grad, rtol=tol, atol=tol * size(second_grad))
+    only_x, none = kernels.double_backward(x, grad, u, synthesis, analysis, need_grad=False)
+    assert none is None and torch.equal(only_x, got_x)
+    none, only_grad = kernels.double_backward(x, grad, u, synthesis, analysis, need_x=False)
+    assert none is None and torch.equal(only_grad, got_grad)
+
+
+def test_kernel_exp_is_accurate_in_both_precisions():
+    """SiLU through the kernel on a 1 × 1 'grid' (S = A = 1) is SiLU itself: its exp within an ulp or two."""
+    one = torch.ones(1, 1)
+    y = torch.linspace(-120.0, 120.0, 4801)
+    for dtype, tol in [(torch.float32, 3e-7), (torch.float64, 5e-16)]:
+        got = _kernels().forward(y.to(dtype).view(1, 1, -1).contiguous(), one.to(dtype), one.to(dtype))
+        want = torch.nn.functional.silu(y.to(torch.float64))
+        torch.testing.assert_close(got.view(-1).to(torch.float64), want, rtol=tol, atol=1e-30)
+
+
+def test_kernels_reject_mismatched_operands():
+    x, grad, u, synthesis, analysis = _operands(torch.float64)
+    kernels = _kernels()
+    with pytest.raises(ValueError, match="analysis must be a contiguous CPU torch.float64 tensor"):
+        kernels.forward(x, synthesis, analysis.float())
+    with pytest.raises(ValueError, match="grad must be"):
+        kernels.backward(x, grad[:, :2], synthesis, analysis)
+    with pytest.raises(ValueError, match="x must be"):
+        kernels.forward(x.transpose(1, 2), synthesis, analysis)
+
+
+def test_kernels_apply_only_to_cpu_float_tensors_of_one_dtype(monkeypatch):
+    assert native.grid_kernels(torch.zeros(2, dtype=torch.float16)) is None
+    assert native.grid_kernels(torch.zeros(2), torch.zeros(2, dtype=torch.float64)) is None
+    with native.kernels_disabled():
+        assert native.grid_kernels(torch.zeros(2)) is None
+    monkeypatch.setenv("POTENTIALS_KERNELS", "off")
+    assert native.grid_kernels(torch.zeros(2)) is None
+
+
+def test_build_is_cached_and_failures_fall_back_with_the_reason(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("POTENTIALS_KERNEL_CACHE", str(tmp_path / "cache"))
+    first = native.build()
+    assert first.parent == tmp_path / "cache"
+    stamp = first.stat().st_mtime_ns
+    assert native.build() == first and first.stat().st_mtime_ns == stamp  # found, not rebuilt
+
+    # a compiler error names the source and carries the compiler's message
+    broken = tmp_path / "grid_kernels.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    with pytest.raises(RuntimeError, match="failed on grid_kernels.cpp"):
+        native.build()
+
+    # no compiler: the kernels are reported missing once, and callers get None (tensor operations)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(native, "_state", {"lib": None, "error": None, "tried": False, "disabled": 0})
+    with caplog.at_level(logging.WARNING, logger="potentials.nn.native"):
+        assert native.grid_kernels(torch.zeros(1)) is None
+    assert "no C++ compiler found" in native.unavailable_reason()
+    assert "using tensor operations instead" in caplog.text
+    x, _, _, synthesis, analysis = _operands(torch.float64, rows=3, channels=4)
+    with native.kernels_disabled():
+        want = GridSiLU.apply(x, synthesis, analysis)
+    torch.testing.assert_close(GridSiLU.apply(x, synthesis, analysis), want, rtol=0, atol=0)
