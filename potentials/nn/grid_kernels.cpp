@@ -67,11 +67,33 @@ inline T exp_clamped(T x) {
 template <typename T>
 inline T sigmoid(T y) { return T(1) / (T(1) + exp_clamped<T>(-y)); }
 
-// acc[c] = Σ_i w[i·w_stride] rows[i·row_stride + c] over one tile of TILE channels: the accumulator stays in
-// registers, one load per multiply-add
+// out[c] = Σ_i w[i·w_stride] rows[i·row_stride + c] over one tile of TILE channels: the accumulator is a few
+// vector registers (GCC/Clang vector types, split as the target needs), one load per multiply-add
 template <typename T>
 inline void combine(const T* __restrict w, int64_t w_stride, int64_t n, const T* __restrict rows, int64_t row_stride,
                     T* __restrict out) {
+  typedef T V __attribute__((vector_size(64)));
+  constexpr int L = 64 / sizeof(T), NV = TILE / L;
+  V acc[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = V{};
+  for (int64_t i = 0; i < n; ++i) {
+    const T wi = w[i * w_stride];
+    const T* row = rows + i * row_stride;
+    for (int j = 0; j < NV; ++j) {
+      V r;
+      std::memcpy(&r, row + j * L, sizeof(V));
+      acc[j] += wi * r;
+    }
+  }
+  for (int j = 0; j < NV; ++j) std::memcpy(out + j * L, &acc[j], sizeof(V));
+}
+
+// The same as a loop over an array.  At one call of double_backward (h = Aᵀ·grad) this form, not combine(), keeps
+// GCC 12's code for the whole loop fast: with combine() there (inlined or not, or with h summed in place) the
+// function ran 3× slower (204 against 63 ms on 21 000 rows × 64 channels, measured).
+template <typename T>
+inline void combine_loop(const T* __restrict w, int64_t w_stride, int64_t n, const T* __restrict rows,
+                         int64_t row_stride, T* __restrict out) {
   alignas(64) T acc[TILE] = {};
   for (int64_t i = 0; i < n; ++i) {
     const T wi = w[i * w_stride];
@@ -185,7 +207,7 @@ void double_backward(const T* x, const T* grad, const T* u, const T* S, const T*
         for (int64_t g = 0; g < G; ++g) {
           combine(S + g * K, 1, K, xt, TILE, y);
           combine(S + g * K, 1, K, ut, TILE, v);
-          if (out_x) combine(A + g, G, KO, gt, TILE, h);
+          if (out_x) combine_loop(A + g, G, KO, gt, TILE, h);
           T* t1 = slope + g * TILE;
           T* t2 = curv + g * TILE;
 #pragma omp simd
