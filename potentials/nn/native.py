@@ -5,7 +5,7 @@ maps back: for 500 Cu atoms that is 21 000 edges × 64 channels × 42 grid point
 written to memory and read back by several tensor operations (and more in the gradient).  The kernel in
 ``grid_kernels.cpp`` does the whole round trip for one tile of channels of one edge at a time, with the grid values
 in the L1 cache, directly on the [B, K, C] layout (no transposed copies).  Measured on that Cu500 layer (float32,
-2 threads): forward 71 → 26 ms, gradient 104 → 35 ms, the gradient's derivative (training on forces) 251 → 63 ms.
+2 threads): forward 71 → 26 ms, gradient 104 → 35 ms, the gradient's derivative (training on forces) 240 → 63 ms.
 
 Build.  ``c++ -O3 -march=native -fopenmp -shared`` into a cache folder (``$POTENTIALS_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/potentials/kernels``, else ``~/.cache/potentials/kernels``), keyed by a hash of the source, the
