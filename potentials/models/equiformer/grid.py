@@ -205,9 +205,10 @@ class GridSiLUGrad(torch.autograd.Function):
 
 
 def _chunks(n: int, values_each: int) -> list[slice]:
-    """Ranges over n rows (or nodes) of ``values_each`` grid values each, about :attr:`GridSiLU.CHUNK_VALUES` per
-    range."""
+    """Ranges over n rows (or nodes) of ``values_each`` grid values each, at most :attr:`GridSiLU.CHUNK_VALUES` per
+    range, of equal sizes (no short last range: 64 nodes go as 32 + 32, not 56 + 8)."""
     step = max(1, GridSiLU.CHUNK_VALUES // max(values_each, 1))
+    step = -(-n // max(1, -(-n // step)))  # ceil(n / number of ranges)
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
