@@ -2,7 +2,7 @@
 # Extra Hydra overrides go after the image name, e.g. `docker run --rm potentials model=egnn trainer.max_epochs=5`.
 FROM python:3.11-slim
 WORKDIR /app
-RUN apt-get update && apt-get install -y --no-install-recommends git && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends git g++ && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
 COPY potentials ./potentials
 COPY conf ./conf

@@ -63,6 +63,33 @@ def test_kernels_match_tensor_operations(dtype, tol, scale):
     assert none is None and torch.equal(only_grad, got_grad)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_grid_mlp_kernels_match_tensor_operations(dtype, tol):
+    """The grid MLP's four point-wise kernels against SiLU and the projections written as tensor operations."""
+    grid = S2Grid(2, torch.arange(9), 4, 8)
+    synthesis = grid.to_grid_mat.to(dtype).contiguous()
+    analysis = grid.from_grid_mat[1:].to(dtype).contiguous()
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(6, 9, 70, dtype=dtype, generator=gen)
+    p = 3 * torch.randn(6, synthesis.shape[0], 70, dtype=dtype, generator=gen)
+    grad_out = torch.randn(6, analysis.shape[0], 70, dtype=dtype, generator=gen)
+    grad_grid = torch.randn_like(p)
+    kernels = _kernels()
+    silu, slope = torch.nn.functional.silu, lambda y: torch.sigmoid(y) * (1 + y * (1 - torch.sigmoid(y)))  # noqa: E731
+    y = torch.matmul(synthesis, h)
+    expected = {
+        "to_grid": (kernels.mlp_to_grid(h, synthesis), silu(y)),
+        "from_grid": (kernels.mlp_from_grid(p, analysis), torch.matmul(analysis, silu(p))),
+        "from_grid_backward": (kernels.mlp_from_grid_backward(p, grad_out, analysis),
+                               slope(p) * torch.matmul(analysis.T, grad_out)),
+        "to_grid_backward": (kernels.mlp_to_grid_backward(h, grad_grid, synthesis),
+                             torch.matmul(synthesis.T, slope(y) * grad_grid)),
+    }
+    for name, (got, want) in expected.items():
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_kernel_exp_is_accurate_in_both_precisions():
     """SiLU through the kernel on a 1 × 1 'grid' (S = A = 1) is SiLU itself: its exp within an ulp or two."""
     one = torch.ones(1, 1)

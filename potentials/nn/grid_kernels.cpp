@@ -234,6 +234,120 @@ void double_backward(const T* x, const T* grad, const T* u, const T* S, const T*
   }
 }
 
+// The grid MLP's point-wise steps around its channel-mixing matrix product (which stays with the BLAS):
+//   a = SiLU(S·h) on the grid,  out = A·SiLU(p) back to coefficients,  and their gradients.
+// Grid values are [B, G, C] tensors here, laid out for that matrix product ([B·G, C] rows).
+
+// a[b, g, :] = SiLU(Σ_k S[g, k] h[b, k, :])
+template <typename T>
+void mlp_to_grid(const T* h, const T* S, T* a, int64_t B, int64_t K, int64_t G, int64_t C, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> buf(K * TILE);
+    T* ht = buf.data();
+    alignas(64) T y[TILE];
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c0 = 0; c0 < C; c0 += TILE) {
+        const int width = static_cast<int>(std::min<int64_t>(TILE, C - c0));
+        load_tile(h + b * K * C, K, C, c0, width, ht);
+        for (int64_t g = 0; g < G; ++g) {
+          combine(S + g * K, 1, K, ht, TILE, y);
+#pragma omp simd
+          for (int c = 0; c < TILE; ++c) y[c] = y[c] * sigmoid(y[c]);
+          std::memcpy(a + (b * G + g) * C + c0, y, width * sizeof(T));
+        }
+      }
+    }
+  }
+}
+
+// out[b, k, :] = Σ_g A[k, g] SiLU(p[b, g, :])
+template <typename T>
+void mlp_from_grid(const T* p, const T* A, T* out, int64_t B, int64_t G, int64_t KO, int64_t C, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> buf(G * TILE), obuf(KO * TILE);
+    T *values = buf.data(), *ot = obuf.data();
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c0 = 0; c0 < C; c0 += TILE) {
+        const int width = static_cast<int>(std::min<int64_t>(TILE, C - c0));
+        load_tile(p + b * G * C, G, C, c0, width, values);
+        for (int64_t g = 0; g < G; ++g) {
+          T* v = values + g * TILE;
+#pragma omp simd
+          for (int c = 0; c < TILE; ++c) v[c] = v[c] * sigmoid(v[c]);
+        }
+        for (int64_t k = 0; k < KO; ++k) combine(A + k * G, 1, G, values, TILE, ot + k * TILE);
+        store_tile(ot, KO, C, c0, width, out + b * KO * C);
+      }
+    }
+  }
+}
+
+// grad_p[b, g, :] = SiLU'(p[b, g, :]) ⊙ Σ_k A[k, g] grad[b, k, :]
+template <typename T>
+void mlp_from_grid_backward(const T* p, const T* grad, const T* A, T* grad_p, int64_t B, int64_t G, int64_t KO,
+                            int64_t C, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> buf(KO * TILE);
+    T* gt = buf.data();
+    alignas(64) T h[TILE];
+    alignas(64) T v[TILE];
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c0 = 0; c0 < C; c0 += TILE) {
+        const int width = static_cast<int>(std::min<int64_t>(TILE, C - c0));
+        load_tile(grad + b * KO * C, KO, C, c0, width, gt);
+        for (int64_t g = 0; g < G; ++g) {
+          combine(A + g, G, KO, gt, TILE, h);
+          std::memcpy(v, p + (b * G + g) * C + c0, width * sizeof(T));
+          std::fill(v + width, v + TILE, T(0));
+#pragma omp simd
+          for (int c = 0; c < TILE; ++c) {
+            const T sg = sigmoid(v[c]);
+            v[c] = sg * (T(1) + v[c] * (T(1) - sg)) * h[c];
+          }
+          std::memcpy(grad_p + (b * G + g) * C + c0, v, width * sizeof(T));
+        }
+      }
+    }
+  }
+}
+
+// grad_h[b, k, :] = Σ_g S[g, k] SiLU'(y[b, g, :]) ⊙ grad_a[b, g, :],  y = S·h
+template <typename T>
+void mlp_to_grid_backward(const T* h, const T* grad_a, const T* S, T* grad_h, int64_t B, int64_t K, int64_t G,
+                          int64_t C, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> hbuf(K * TILE), vbuf(G * TILE), obuf(K * TILE);
+    T *ht = hbuf.data(), *values = vbuf.data(), *ot = obuf.data();
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c0 = 0; c0 < C; c0 += TILE) {
+        const int width = static_cast<int>(std::min<int64_t>(TILE, C - c0));
+        load_tile(h + b * K * C, K, C, c0, width, ht);
+        load_tile(grad_a + b * G * C, G, C, c0, width, values);
+        for (int64_t g = 0; g < G; ++g) {
+          alignas(64) T y[TILE];
+          combine(S + g * K, 1, K, ht, TILE, y);
+          T* v = values + g * TILE;
+#pragma omp simd
+          for (int c = 0; c < TILE; ++c) {
+            const T sg = sigmoid(y[c]);
+            v[c] *= sg * (T(1) + y[c] * (T(1) - sg));
+          }
+        }
+        for (int64_t k = 0; k < K; ++k) combine(S + k, K, G, values, TILE, ot + k * TILE);
+        store_tile(ot, K, C, c0, width, grad_h + b * K * C);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 #define EXPORT(T, SUFFIX)                                                                                          \
@@ -252,5 +366,26 @@ void double_backward(const T* x, const T* grad, const T* u, const T* S, const T*
     double_backward<T>(x, grad, u, S, A, out_x, out_grad, B, K, G, KO, C, threads);                                \
   }
 
+// The grid MLP's steps, with the same trailing sizes (B, K, G, KO, C, threads) as the activation's
+#define EXPORT_MLP(T, SUFFIX)                                                                                      \
+  extern "C" void mlp_to_grid_##SUFFIX(const T* h, const T* S, T* a, int64_t B, int64_t K, int64_t G, int64_t,    \
+                                       int64_t C, int threads) {                                                  \
+    mlp_to_grid<T>(h, S, a, B, K, G, C, threads);                                                                  \
+  }                                                                                                                \
+  extern "C" void mlp_from_grid_##SUFFIX(const T* p, const T* A, T* out, int64_t B, int64_t, int64_t G,           \
+                                         int64_t KO, int64_t C, int threads) {                                    \
+    mlp_from_grid<T>(p, A, out, B, G, KO, C, threads);                                                             \
+  }                                                                                                                \
+  extern "C" void mlp_from_grid_backward_##SUFFIX(const T* p, const T* grad, const T* A, T* grad_p, int64_t B,    \
+                                                  int64_t, int64_t G, int64_t KO, int64_t C, int threads) {       \
+    mlp_from_grid_backward<T>(p, grad, A, grad_p, B, G, KO, C, threads);                                           \
+  }                                                                                                                \
+  extern "C" void mlp_to_grid_backward_##SUFFIX(const T* h, const T* grad_a, const T* S, T* grad_h, int64_t B,    \
+                                                int64_t K, int64_t G, int64_t, int64_t C, int threads) {          \
+    mlp_to_grid_backward<T>(h, grad_a, S, grad_h, B, K, G, C, threads);                                            \
+  }
+
 EXPORT(float, f32)
 EXPORT(double, f64)
+EXPORT_MLP(float, f32)
+EXPORT_MLP(double, f64)

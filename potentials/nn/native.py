@@ -1,4 +1,5 @@
-"""Compiled CPU kernels, built on first use with the machine's C++ compiler: the fused S² grid activation.
+"""Compiled CPU kernels, built on first use with the machine's C++ compiler: the fused S² grid activation and the
+grid MLP's point-wise steps.
 
 Why.  EquiformerV2's S² activation maps every edge's coefficients to values on a sphere grid, applies SiLU and
 maps back: for 500 Cu atoms that is 21 000 edges × 64 channels × 42 grid points, 56 M values per layer, each
@@ -43,7 +44,8 @@ _state: dict = {"lib": None, "error": None, "tried": False, "disabled": 0}
 
 class GridKernels:
     """The fused activation y = A · SiLU(S · x) on rows x [B, K, C] (S [G, K], A [KO, G]), its gradient and the
-    gradient's derivative; all inputs contiguous CPU tensors of one dtype (float32 or float64)."""
+    gradient's derivative, and the grid MLP's point-wise steps; all inputs contiguous CPU tensors of one dtype
+    (float32 or float64)."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._lib = lib
@@ -81,8 +83,43 @@ class GridKernels:
         return out_x, out_grad
 
 
+    # the grid MLP's point-wise steps around its channel-mixing product (GridMLPCore); grid values [B, G, C]
+
+    def mlp_to_grid(self, h: torch.Tensor, synthesis: torch.Tensor) -> torch.Tensor:
+        """SiLU(S · h) per row: [B, K, C] → [B, G, C]."""
+        (b, k, c), g = h.shape, synthesis.shape[0]
+        _check(h.dtype, h=(h, (b, k, c)), synthesis=(synthesis, (g, k)))
+        out = h.new_empty(b, g, c)
+        self._call("mlp_to_grid", (b, k, g, 0, c), h, synthesis, out)
+        return out
+
+    def mlp_from_grid(self, p: torch.Tensor, analysis: torch.Tensor) -> torch.Tensor:
+        """A · SiLU(p) per row: [B, G, C] → [B, KO, C]."""
+        (b, g, c), ko = p.shape, analysis.shape[0]
+        _check(p.dtype, p=(p, (b, g, c)), analysis=(analysis, (ko, g)))
+        out = p.new_empty(b, ko, c)
+        self._call("mlp_from_grid", (b, 0, g, ko, c), p, analysis, out)
+        return out
+
+    def mlp_from_grid_backward(self, p: torch.Tensor, grad: torch.Tensor, analysis: torch.Tensor) -> torch.Tensor:
+        """SiLU'(p) ⊙ (Aᵀ · grad) per row: the gradient of :meth:`mlp_from_grid` with respect to p."""
+        (b, g, c), ko = p.shape, analysis.shape[0]
+        _check(p.dtype, p=(p, (b, g, c)), grad=(grad, (b, ko, c)), analysis=(analysis, (ko, g)))
+        out = torch.empty_like(p)
+        self._call("mlp_from_grid_backward", (b, 0, g, ko, c), p, grad, analysis, out)
+        return out
+
+    def mlp_to_grid_backward(self, h: torch.Tensor, grad: torch.Tensor, synthesis: torch.Tensor) -> torch.Tensor:
+        """Sᵀ · (SiLU'(S · h) ⊙ grad) per row: the gradient of :meth:`mlp_to_grid` with respect to h."""
+        (b, k, c), g = h.shape, synthesis.shape[0]
+        _check(h.dtype, h=(h, (b, k, c)), grad=(grad, (b, g, c)), synthesis=(synthesis, (g, k)))
+        out = torch.empty_like(h)
+        self._call("mlp_to_grid_backward", (b, k, g, 0, c), h, grad, synthesis, out)
+        return out
+
+
 def _sizes(x, synthesis, analysis, grad=None, u=None) -> tuple[int, int, int, int, int]:
-    """(B, K, G, KO, C) after checking every operand's shape, dtype, device and layout."""
+    """(B, K, G, KO, C) of the activation's operands, after checking them."""
     b, k, c = x.shape
     g, ko = synthesis.shape[0], analysis.shape[0]
     expected = {"x": (x, (b, k, c)), "synthesis": (synthesis, (g, k)), "analysis": (analysis, (ko, g))}
@@ -90,11 +127,16 @@ def _sizes(x, synthesis, analysis, grad=None, u=None) -> tuple[int, int, int, in
         expected["grad"] = (grad, (b, ko, c))
     if u is not None:
         expected["u"] = (u, (b, k, c))
-    for name, (t, shape) in expected.items():
-        if tuple(t.shape) != shape or t.dtype != x.dtype or not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError(f"grid kernel: {name} must be a contiguous CPU {x.dtype} tensor of shape {shape}, "
-                             f"got {tuple(t.shape)} {t.dtype} on {t.device} (contiguous: {t.is_contiguous()})")
+    _check(x.dtype, **expected)
     return b, k, g, ko, c
+
+
+def _check(dtype: torch.dtype, **operands: tuple[torch.Tensor, tuple[int, ...]]) -> None:
+    """Every operand a contiguous CPU tensor of ``dtype`` and its expected shape, or a ValueError naming it."""
+    for name, (t, shape) in operands.items():
+        if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"grid kernel: {name} must be a contiguous CPU {dtype} tensor of shape {shape}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device} (contiguous: {t.is_contiguous()})")
 
 
 def grid_kernels(*tensors: torch.Tensor) -> GridKernels | None:
@@ -173,7 +215,8 @@ def build() -> Path:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     for dtype in _DTYPES.values():
-        for name in ("grid_silu_forward", "grid_silu_backward", "grid_silu_double_backward"):
+        for name in ("grid_silu_forward", "grid_silu_backward", "grid_silu_double_backward", "mlp_to_grid",
+                     "mlp_from_grid", "mlp_from_grid_backward", "mlp_to_grid_backward"):
             getattr(lib, f"{name}_{dtype}").restype = None
     return lib
 

@@ -186,11 +186,18 @@ def test_chunked_grid_silu_gradients_and_second_derivatives(monkeypatch, path):
     assert torch.autograd.gradgradcheck(lambda t, g: GridSiLUGrad.apply(t, g, synthesis, analysis), (x, grad))
 
 
-def test_chunked_grid_mlp_gradients_and_second_derivatives(monkeypatch):
-    """The grid MLP's chunked core (grid values recomputed in the backward pass) against the plain composition."""
+@pytest.mark.parametrize("path", ["compiled kernel", "tensor operations"])
+def test_chunked_grid_mlp_gradients_and_second_derivatives(monkeypatch, path):
+    """The grid MLP's chunked core (grid values recomputed in the backward pass; its point-wise steps in the compiled
+    kernels, or tensor operations) against the plain composition."""
+    if path == "tensor operations":
+        monkeypatch.setitem(native._state, "disabled", 1)
+    else:
+        assert native.grid_kernels(torch.zeros(1, dtype=torch.float64)) is not None, native.unavailable_reason()
     grid = S2Grid(2, torch.arange(9), 3, 6)
     synthesis, analysis = grid.to_grid_mat, grid.from_grid_mat[1:]
     monkeypatch.setattr(GridSiLU, "CHUNK_VALUES", 2 * synthesis.shape[0] * 4)  # 5 nodes in chunks of 2
+    monkeypatch.setattr(GridMLPCore, "KERNEL_CHUNK_VALUES", 2 * synthesis.shape[0] * 4)
     h = torch.randn(5, 9, 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
 

@@ -204,10 +204,11 @@ class GridSiLUGrad(torch.autograd.Function):
         return grad_x, (_unrows(out_g, n, c) if need_grad else None), None, None, None
 
 
-def _chunks(n: int, values_each: int) -> list[slice]:
-    """Ranges over n rows (or nodes) of ``values_each`` grid values each, at most :attr:`GridSiLU.CHUNK_VALUES` per
-    range, of equal sizes (no short last range: 64 nodes go as 32 + 32, not 56 + 8)."""
-    step = max(1, GridSiLU.CHUNK_VALUES // max(values_each, 1))
+def _chunks(n: int, values_each: int, budget: int | None = None) -> list[slice]:
+    """Ranges over n rows (or nodes) of ``values_each`` grid values each, at most ``budget`` (default
+    :attr:`GridSiLU.CHUNK_VALUES`) per range, of equal sizes (no short last range: 64 nodes go as 32 + 32, not
+    56 + 8)."""
+    step = max(1, (budget or GridSiLU.CHUNK_VALUES) // max(values_each, 1))
     step = -(-n // max(1, -(-n // step)))  # ceil(n / number of ranges)
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
@@ -262,12 +263,29 @@ class GridMLPCore(torch.autograd.Function):
     every step is one large matrix product, and they are made chunk by chunk over B, so that no [B, G, C] tensor
     exists at once; the backward pass recomputes them per chunk.  As in :class:`GridSiLU`, a backward pass that
     must itself be differentiable is written in ordinary differentiable operations.
+
+    On the CPU, where the compiled kernels (:mod:`potentials.nn.native`) can be built, the point-wise steps on each
+    side of the matrix product with W run there instead, node-major ([B, G, C]), in chunks of
+    :attr:`KERNEL_CHUNK_VALUES` grid values.
     """
+
+    #: grid values per chunk on the kernel path (16 MB in float32)
+    KERNEL_CHUNK_VALUES = 1 << 22
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, synthesis: torch.Tensor, analysis: torch.Tensor, weight: torch.Tensor
                 ) -> torch.Tensor:
         n, k, c = h.shape
+        kernels = grid_kernels(h, synthesis, analysis, weight)
+        if kernels is not None:
+            h, synthesis, analysis = h.contiguous(), synthesis.contiguous(), analysis.contiguous()
+            ctx.save_for_backward(h, None, synthesis, analysis, weight)
+            out = h.new_empty(n, analysis.shape[0], c)
+            for chunk in _chunks(n, synthesis.shape[0] * c, GridMLPCore.KERNEL_CHUNK_VALUES):
+                a = kernels.mlp_to_grid(h[chunk], synthesis)
+                pre = torch.mm(a.view(-1, c), weight.T).view(a.shape)
+                out[chunk] = kernels.mlp_from_grid(pre, analysis)
+            return out
         ht = h.transpose(0, 1).contiguous()  # [K, B, C]
         ctx.save_for_backward(h, ht, synthesis, analysis, weight)
         out = h.new_empty(analysis.shape[0], n, c)
@@ -293,9 +311,22 @@ class GridMLPCore(torch.autograd.Function):
             grad_u = torch.mm(grad_pre, weight) * _silu_slope(u)
             grad_h = torch.mm(synthesis.T, grad_u.view(g, n * c)).view(k, n, c).transpose(0, 1)
             return grad_h, None, None, grad_weight
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[3] else None
+        kernels = grid_kernels(h, grad, synthesis, analysis, weight)
+        if kernels is not None:
+            grad, grad_h = grad.contiguous(), torch.empty_like(h)
+            for chunk in _chunks(n, g * c, GridMLPCore.KERNEL_CHUNK_VALUES):
+                a = kernels.mlp_to_grid(h[chunk], synthesis)
+                pre = torch.mm(a.view(-1, c), weight.T).view(a.shape)
+                grad_pre = kernels.mlp_from_grid_backward(pre, grad[chunk], analysis)
+                if grad_weight is not None:  # not in inference (potentials.nn.grad_scope)
+                    grad_weight.addmm_(grad_pre.view(-1, c).T, a.view(-1, c))
+                grad_a = torch.mm(grad_pre.view(-1, c), weight).view(a.shape)
+                grad_h[chunk] = kernels.mlp_to_grid_backward(h[chunk], grad_a, synthesis)
+            return grad_h, None, None, grad_weight
+        ht = h.transpose(0, 1).contiguous() if ht is None else ht
         gt = grad.transpose(0, 1).contiguous()  # [K', B, C]
         grad_ht = h.new_empty(k, n, c)
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[3] else None
         for chunk in _chunks(n, g * c):
             u = torch.mm(synthesis, ht[:, chunk].reshape(k, -1)).view(-1, c)
             a = nn.functional.silu(u)
