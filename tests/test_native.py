@@ -186,3 +186,34 @@ def test_training_on_forces_takes_the_same_steps_with_and_without_the_kernels():
     assert losses[-1] < losses[0]
     torch.testing.assert_close(losses, losses_ref, rtol=1e-12, atol=0)
     torch.testing.assert_close(params, params_ref, rtol=0, atol=1e-13)
+
+
+def test_build_falls_back_to_portable_flags_and_rebuilds_a_broken_library(monkeypatch, tmp_path):
+    """A compiler that rejects -march=native gets a build without it; a cached library that no longer loads is
+    rebuilt; an unusable cache folder is named with the variable that moves it."""
+    import shutil
+    import stat
+
+    real = shutil.which("c++")
+    assert real, "the kernel tests need a C++ compiler (c++)"
+    fussy = tmp_path / "fussy-c++"
+    fussy.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\nexec {real} "$@"\n')
+    fussy.chmod(fussy.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CXX", str(fussy))
+    monkeypatch.setenv("POTENTIALS_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_state", {"lib": None, "error": None, "tried": False, "disabled": 0})
+    path = native.build()
+    assert path.exists()
+    path.write_bytes(b"not a library")  # e.g. built by another machine's compiler
+    kernels = native.grid_kernels(torch.zeros(1))
+    assert kernels is not None, native.unavailable_reason()
+    x, _, _, synthesis, analysis = _operands(torch.float64, rows=3, channels=5)
+    with native.kernels_disabled():
+        want = GridSiLU.apply(x, synthesis, analysis)
+    torch.testing.assert_close(kernels.forward(x, synthesis, analysis), want, rtol=1e-13, atol=1e-13)
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("POTENTIALS_KERNEL_CACHE", str(blocker / "kernels"))
+    with pytest.raises(RuntimeError, match="POTENTIALS_KERNEL_CACHE"):
+        native.build()

@@ -10,13 +10,17 @@ in the L1 cache, directly on the [B, K, C] layout (no transposed copies).  Measu
 
 Build.  ``c++ -O3 -march=native -fopenmp -shared`` into a cache folder (``$POTENTIALS_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/potentials/kernels``, else ``~/.cache/potentials/kernels``), keyed by a hash of the source, the
-compiler's version and the CPU's features, so a shared home folder never hands one machine another's build; about a
-second, once.  The compiler is ``$CXX`` if set, else ``c++``.  The library links the OpenMP runtime by its soname,
-which resolves to the one PyTorch has loaded already, and runs on ``torch.get_num_threads()`` threads.
+compiler's version, the flags and the CPU's features, so a shared home folder never hands one machine another's
+build; about a second, once.  The compiler is ``$CXX`` if set, else ``c++``; a compiler that rejects
+``-march=native`` or ``-fopenmp`` gets a build without them (a serial one without OpenMP).  The library links
+libgomp by its soname; with PyTorch's wheels, which ship ``libgomp.so.1``, that is the runtime PyTorch has loaded
+(a PyTorch built on another OpenMP runtime would bring a second thread pool).  It runs on
+``torch.get_num_threads()`` threads.
 
-Fallback.  Without a compiler, when the build fails, on GPU tensors or other dtypes, and with
-``POTENTIALS_KERNELS=off``, callers use their tensor-operation path, which computes the same values (to round-off:
-the kernel's exp is its own, accurate to an ulp); a warning says once why the kernels are missing.
+Fallback.  On GPU tensors or other dtypes, and with ``POTENTIALS_KERNELS=off``, callers use their
+tensor-operation path, which computes the same values (to round-off: the kernel's exp is its own, within 2–3 ulp).
+When the kernels cannot be built (no compiler, no writable cache folder, compiler errors) that path is used too, and
+a warning says why, once.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -37,6 +42,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("grid_kernels.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+#: what build() tries, in order
+FLAG_SETS = (FLAGS, tuple(f for f in FLAGS if f != "-march=native"),
+             tuple(f for f in FLAGS if f not in ("-march=native", "-fopenmp")))
 
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _state: dict = {"lib": None, "error": None, "tried": False, "disabled": 0}
@@ -151,8 +159,12 @@ def grid_kernels(*tensors: torch.Tensor) -> GridKernels | None:
     if not _state["tried"]:
         _state["tried"] = True
         try:
-            _state["lib"] = GridKernels(_load(build()))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+            try:
+                lib = _load(build())
+            except (OSError, AttributeError):  # a cached library that no longer loads (or lacks a function)
+                lib = _load(build(rebuild=True))
+            _state["lib"] = GridKernels(lib)
+        except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:
             _state["error"] = str(err)
             log.warning("compiled CPU kernels unavailable, using tensor operations instead (same results, slower): "
                         "%s", err)
@@ -182,37 +194,52 @@ def cache_dir() -> Path:
     return Path(base) / "potentials" / "kernels"
 
 
-def build() -> Path:
+def build(rebuild: bool = False) -> Path:
     """Compile ``grid_kernels.cpp`` (or find it compiled) and return the library's path.
 
+    Flags are tried in turn: the full set; without ``-march=native``; serial, without ``-fopenmp`` as well (for
+    compilers without OpenMP, e.g. Apple's clang: correct, one thread).  ``rebuild`` replaces a cached library.
+
     Raises:
-        RuntimeError: no compiler, or the compilation failed (with the compiler's message).
+        RuntimeError: no compiler, the cache folder is not writable, or every compilation failed (with the
+            compiler's last message).
     """
-    compiler = os.environ.get("CXX") or "c++"
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler found ({compiler!r}; set CXX to choose one)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(), _cpu_features().encode()):
-        key.update(part)
-    target = cache_dir() / f"grid_kernels-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # build under a temporary name and move into place: concurrent builds (test workers) never see a partial file
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        partial = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True,
-                                text=True, timeout=300)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name} (exit {result.returncode}):\n"
-                               f"{result.stderr.strip()[-2000:]}")
-        os.replace(partial, target)
-    log.info("built %s", target)
-    return target
+    compiler = shlex.split(os.environ.get("CXX") or "c++")
+    if not compiler or shutil.which(compiler[0]) is None:
+        raise RuntimeError(f"no C++ compiler found ({' '.join(compiler)!r}; set CXX to choose one)")
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RuntimeError(f"cannot create the kernel cache {folder} ({err}); set POTENTIALS_KERNEL_CACHE to a "
+                           "writable folder") from err
+    message = ""
+    for flags in FLAG_SETS:
+        key = hashlib.sha256()
+        for part in (SOURCE.read_bytes(), version.encode(), " ".join(flags).encode(), _cpu_features().encode()):
+            key.update(part)
+        target = folder / f"grid_kernels-{key.hexdigest()[:16]}.so"
+        if target.exists() and not rebuild:
+            return target
+        # build under a temporary name and move into place: concurrent builds (test workers) never see a partial
+        # file
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            partial = Path(tmp) / target.name
+            result = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(partial)], capture_output=True,
+                                    text=True, timeout=300)
+            if result.returncode == 0:
+                os.replace(partial, target)
+                log.info("built %s (%s)", target, " ".join(flags))
+                return target
+        message = (f"{' '.join(compiler)} failed on {SOURCE.name} (exit {result.returncode}, flags "
+                   f"{' '.join(flags)}):\n{result.stderr.strip()[-2000:]}")
+    raise RuntimeError(message)
 
 
 def _load(path: Path) -> ctypes.CDLL:
+    """Load a built library and declare its functions (OSError or AttributeError if it is not loadable or
+    incomplete)."""
     lib = ctypes.CDLL(str(path))
     for dtype in _DTYPES.values():
         for name in ("grid_silu_forward", "grid_silu_backward", "grid_silu_double_backward", "mlp_to_grid",

@@ -25,7 +25,7 @@ from potentials.models.equiformer.grid import (
     SeparableS2Activation,
 )
 from potentials.models.equiformer.so3 import EdgeLayout, num_coefficients, wigner_blocks, wigner_cg_tables
-from potentials.nn import grad_scope, native
+from potentials.nn import native
 from potentials.nn.sphere_grid import sphere_grid
 from potentials.potential import Potential
 
@@ -158,9 +158,10 @@ def test_chunked_grid_silu_gradients_and_second_derivatives(monkeypatch, path):
         monkeypatch.setitem(native._state, "disabled", 1)
     else:
         assert native.grid_kernels(torch.zeros(1, dtype=torch.float64)) is not None, native.unavailable_reason()
+    calls = _spy_kernels(monkeypatch)
     grid = S2Grid(3, EdgeLayout(3, 2).full_index, 4, 10)
     synthesis, analysis = grid.to_grid_mat, grid.from_grid_mat[1:]
-    monkeypatch.setattr(GridSiLU, "CHUNK_VALUES", 5 * synthesis.shape[0])  # 21 rows in chunks of 5, the last short
+    monkeypatch.setattr(GridSiLU, "CHUNK_VALUES", 5 * synthesis.shape[0])  # 21 rows in 5 chunks of 4–5
     x = torch.randn(7, synthesis.shape[1], 3, dtype=torch.float64, requires_grad=True)
     plain = torch.matmul(analysis, torch.nn.functional.silu(torch.matmul(synthesis, x)))
     torch.testing.assert_close(GridSiLU.apply(x, synthesis, analysis), plain)
@@ -184,6 +185,8 @@ def test_chunked_grid_silu_gradients_and_second_derivatives(monkeypatch, path):
     # the gradient function itself: first derivatives chunked, second ones (a third derivative) plain
     assert torch.autograd.gradcheck(lambda t, g: GridSiLUGrad.apply(t, g, synthesis, analysis), (x, grad))
     assert torch.autograd.gradgradcheck(lambda t, g: GridSiLUGrad.apply(t, g, synthesis, analysis), (x, grad))
+    used = {"forward", "backward", "double_backward"} if path == "compiled kernel" else set()
+    assert {name for name, n in calls.items() if n} == used
 
 
 @pytest.mark.parametrize("path", ["compiled kernel", "tensor operations"])
@@ -196,8 +199,9 @@ def test_chunked_grid_mlp_gradients_and_second_derivatives(monkeypatch, path):
         assert native.grid_kernels(torch.zeros(1, dtype=torch.float64)) is not None, native.unavailable_reason()
     grid = S2Grid(2, torch.arange(9), 3, 6)
     synthesis, analysis = grid.to_grid_mat, grid.from_grid_mat[1:]
-    monkeypatch.setattr(GridSiLU, "CHUNK_VALUES", 2 * synthesis.shape[0] * 4)  # 5 nodes in chunks of 2
+    monkeypatch.setattr(GridSiLU, "CHUNK_VALUES", 2 * synthesis.shape[0] * 4)  # 5 nodes in 3 chunks of 1–2
     monkeypatch.setattr(GridMLPCore, "KERNEL_CHUNK_VALUES", 2 * synthesis.shape[0] * 4)
+    calls = _spy_kernels(monkeypatch)
     h = torch.randn(5, 9, 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
 
@@ -214,6 +218,37 @@ def test_chunked_grid_mlp_gradients_and_second_derivatives(monkeypatch, path):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(lambda t, w: GridMLPCore.apply(t, synthesis, analysis, w), (h, weight))
     assert torch.autograd.gradgradcheck(lambda t, w: GridMLPCore.apply(t, synthesis, analysis, w), (h, weight))
+    used = {"mlp_to_grid", "mlp_from_grid", "mlp_from_grid_backward", "mlp_to_grid_backward"}
+    assert {name for name, n in calls.items() if n} == (used if path == "compiled kernel" else set())
+
+
+def _spy_kernels(monkeypatch) -> dict[str, int]:
+    """Count the calls of every compiled-kernel method (to show which path ran)."""
+    calls: dict[str, int] = {}
+    for name in ("forward", "backward", "double_backward", "mlp_to_grid", "mlp_from_grid", "mlp_from_grid_backward",
+                 "mlp_to_grid_backward"):
+        original = getattr(native.GridKernels, name)
+        calls[name] = 0
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(native.GridKernels, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("path", ["compiled kernel", "tensor operations"])
+def test_structure_without_edges(monkeypatch, path):
+    """Two atoms beyond the cutoff: no edges (zero rows for the edge activation); finite energy, zero forces."""
+    if path == "tensor operations":
+        monkeypatch.setitem(native._state, "disabled", 1)
+    atoms = ase.Atoms("CuAl", positions=[[0, 0, 0], [10, 0, 0]], cell=[20, 20, 20], pbc=True)
+    graph = Batch.from_data_list([AtomicGraph.from_atoms(atoms, CUTOFF, dtype=torch.float64)])
+    assert graph.edge_index.shape[1] == 0
+    out = _model(2, 8)(graph)
+    assert torch.isfinite(out["energy"]).all()
+    torch.testing.assert_close(out["forces"], torch.zeros_like(out["forces"]))
 
 
 def test_inference_skips_the_grid_mlp_weight_gradient_training_keeps_it():
@@ -233,9 +268,10 @@ def test_inference_skips_the_grid_mlp_weight_gradient_training_keeps_it():
     GridMLPCore.backward = staticmethod(spy)
     try:
         fast = potential(graph)
-        with grad_scope.inputs_only(False):  # the same call as if parameter gradients could be asked for
-            potential.model.direct_forces = True  # (Potential then keeps parameters differentiable)
+        potential.model.direct_forces = True  # Potential then keeps parameters differentiable (same outputs here)
+        try:
             full = potential(graph)
+        finally:
             potential.model.direct_forces = False
         assert calls == [False] * len(weights) + [True] * len(weights)
         for key in ("energy", "forces", "stress"):

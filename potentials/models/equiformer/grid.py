@@ -101,7 +101,7 @@ class GridSiLU(torch.autograd.Function):
     On the CPU the three steps (this function, its gradient and the gradient's derivative) run in a compiled kernel
     (:mod:`potentials.nn.native`) where one can be built: the same function, the grid values of one row's channel
     tile kept in cache, 2–4× faster than the chunked tensor operations, which remain the path on GPUs and the
-    fallback.
+    fallback.  (The same holds for :class:`GridMLPCore`'s point-wise steps, 1.3× on the whole core.)
     """
 
     #: grid values per chunk (rows × G): 1 M numbers, 4 MB in float32 (2^18 … 2^22 time alike on 64–500 atoms)
@@ -206,11 +206,12 @@ class GridSiLUGrad(torch.autograd.Function):
 
 def _chunks(n: int, values_each: int, budget: int | None = None) -> list[slice]:
     """Ranges over n rows (or nodes) of ``values_each`` grid values each, at most ``budget`` (default
-    :attr:`GridSiLU.CHUNK_VALUES`) per range, of equal sizes (no short last range: 64 nodes go as 32 + 32, not
-    56 + 8)."""
+    :attr:`GridSiLU.CHUNK_VALUES`) per range, as few as that allows and of sizes differing by at most one (64 nodes
+    go as 32 + 32, not 56 + 8); none for n = 0."""
     step = max(1, (budget or GridSiLU.CHUNK_VALUES) // max(values_each, 1))
-    step = -(-n // max(1, -(-n // step)))  # ceil(n / number of ranges)
-    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+    count = -(-n // step)  # ceil
+    bounds = [n * i // count for i in range(count + 1)] if count else []
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _silu_slope(y: torch.Tensor) -> torch.Tensor:
