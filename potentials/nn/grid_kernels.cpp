@@ -67,6 +67,16 @@ inline T exp_clamped(T x) {
 template <typename T>
 inline T sigmoid(T y) { return T(1) / (T(1) + exp_clamped<T>(-y)); }
 
+template <typename T>
+inline T silu(T y) { return y * sigmoid(y); }
+
+// SiLU'(y) = σ(y)·(1 + y·(1 − σ(y))), given σ(y)
+template <typename T>
+inline T silu_slope(T y, T sg) { return sg * (T(1) + y * (T(1) - sg)); }
+
+template <typename T>
+inline T silu_slope(T y) { return silu_slope(y, sigmoid(y)); }
+
 // out[c] = Σ_i w[i·w_stride] rows[i·row_stride + c] over one tile of TILE channels: the accumulator is a few
 // vector registers (GCC/Clang vector types, split as the target needs), one load per multiply-add
 template <typename T>
@@ -118,21 +128,14 @@ inline void store_tile(const T* src, int64_t n, int64_t C, int64_t c0, int width
   for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * C + c0, src + i * TILE, width * sizeof(T));
 }
 
-template <typename T>
-struct Scratch {  // per-thread buffers, [rows, TILE] each
-  std::vector<T> a, b, c, d, e;
-  Scratch(int64_t K, int64_t G, int64_t KO)
-      : a(K * TILE), b(std::max(K, KO) * TILE), c(G * TILE), d(G * TILE), e(std::max(K, KO) * TILE) {}
-};
-
 // out = A · SiLU(S · x)
 template <typename T>
 void forward(const T* x, const T* S, const T* A, T* out, int64_t B, int64_t K, int64_t G, int64_t KO, int64_t C,
              int threads) {
 #pragma omp parallel num_threads(threads)
   {
-    Scratch<T> s(K, G, KO);
-    T *xt = s.a.data(), *values = s.c.data(), *ot = s.b.data();
+    std::vector<T> xbuf(K * TILE), vbuf(G * TILE), obuf(KO * TILE);  // per-thread tiles
+    T *xt = xbuf.data(), *values = vbuf.data(), *ot = obuf.data();
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t c0 = 0; c0 < C; c0 += TILE) {
@@ -142,7 +145,7 @@ void forward(const T* x, const T* S, const T* A, T* out, int64_t B, int64_t K, i
           T* y = values + g * TILE;
           combine(S + g * K, 1, K, xt, TILE, y);
 #pragma omp simd
-          for (int c = 0; c < TILE; ++c) y[c] = y[c] * sigmoid(y[c]);
+          for (int c = 0; c < TILE; ++c) y[c] = silu(y[c]);
         }
         for (int64_t k = 0; k < KO; ++k) combine(A + k * G, 1, G, values, TILE, ot + k * TILE);
         store_tile(ot, KO, C, c0, width, out + b * KO * C);
@@ -157,8 +160,8 @@ void backward(const T* x, const T* grad, const T* S, const T* A, T* out, int64_t
               int64_t KO, int64_t C, int threads) {
 #pragma omp parallel num_threads(threads)
   {
-    Scratch<T> s(K, G, KO);
-    T *xt = s.a.data(), *gt = s.b.data(), *values = s.c.data(), *ot = s.e.data();
+    std::vector<T> xbuf(K * TILE), gbuf(KO * TILE), vbuf(G * TILE), obuf(K * TILE);
+    T *xt = xbuf.data(), *gt = gbuf.data(), *values = vbuf.data(), *ot = obuf.data();
     alignas(64) T h[TILE];
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
@@ -171,10 +174,7 @@ void backward(const T* x, const T* grad, const T* S, const T* A, T* out, int64_t
           combine(S + g * K, 1, K, xt, TILE, y);
           combine(A + g, G, KO, gt, TILE, h);
 #pragma omp simd
-          for (int c = 0; c < TILE; ++c) {
-            const T sg = sigmoid(y[c]);
-            y[c] = sg * (T(1) + y[c] * (T(1) - sg)) * h[c];
-          }
+          for (int c = 0; c < TILE; ++c) y[c] = silu_slope(y[c]) * h[c];
         }
         for (int64_t k = 0; k < K; ++k) combine(S + k, K, G, values, TILE, ot + k * TILE);
         store_tile(ot, K, C, c0, width, out + b * K * C);
@@ -190,10 +190,10 @@ void double_backward(const T* x, const T* grad, const T* u, const T* S, const T*
                      int64_t B, int64_t K, int64_t G, int64_t KO, int64_t C, int threads) {
 #pragma omp parallel num_threads(threads)
   {
-    Scratch<T> s(K, G, KO);
-    std::vector<T> ubuf(K * TILE);
-    T *xt = s.a.data(), *gt = s.b.data(), *slope = s.c.data(), *curv = s.d.data(), *ot = s.e.data();
-    T* ut = ubuf.data();
+    std::vector<T> xbuf(K * TILE), ubuf(K * TILE), gbuf(KO * TILE), sbuf(G * TILE), cbuf(G * TILE),
+        obuf(std::max(K, KO) * TILE);
+    T *xt = xbuf.data(), *ut = ubuf.data(), *gt = gbuf.data(), *slope = sbuf.data(), *curv = cbuf.data();
+    T* ot = obuf.data();
     alignas(64) T y[TILE];
     alignas(64) T v[TILE];
     alignas(64) T h[TILE];
@@ -213,7 +213,7 @@ void double_backward(const T* x, const T* grad, const T* u, const T* S, const T*
 #pragma omp simd
           for (int c = 0; c < TILE; ++c) {
             const T sg = sigmoid(y[c]);
-            t1[c] = sg * (T(1) + y[c] * (T(1) - sg)) * v[c];
+            t1[c] = silu_slope(y[c], sg) * v[c];
             t2[c] = sg * (T(1) - sg) * (T(2) + y[c] * (T(1) - T(2) * sg)) * v[c];
           }
           if (out_x) {
@@ -254,7 +254,7 @@ void mlp_to_grid(const T* h, const T* S, T* a, int64_t B, int64_t K, int64_t G, 
         for (int64_t g = 0; g < G; ++g) {
           combine(S + g * K, 1, K, ht, TILE, y);
 #pragma omp simd
-          for (int c = 0; c < TILE; ++c) y[c] = y[c] * sigmoid(y[c]);
+          for (int c = 0; c < TILE; ++c) y[c] = silu(y[c]);
           std::memcpy(a + (b * G + g) * C + c0, y, width * sizeof(T));
         }
       }
@@ -277,7 +277,7 @@ void mlp_from_grid(const T* p, const T* A, T* out, int64_t B, int64_t G, int64_t
         for (int64_t g = 0; g < G; ++g) {
           T* v = values + g * TILE;
 #pragma omp simd
-          for (int c = 0; c < TILE; ++c) v[c] = v[c] * sigmoid(v[c]);
+          for (int c = 0; c < TILE; ++c) v[c] = silu(v[c]);
         }
         for (int64_t k = 0; k < KO; ++k) combine(A + k * G, 1, G, values, TILE, ot + k * TILE);
         store_tile(ot, KO, C, c0, width, out + b * KO * C);
@@ -306,10 +306,7 @@ void mlp_from_grid_backward(const T* p, const T* grad, const T* A, T* grad_p, in
           std::memcpy(v, p + (b * G + g) * C + c0, width * sizeof(T));
           std::fill(v + width, v + TILE, T(0));
 #pragma omp simd
-          for (int c = 0; c < TILE; ++c) {
-            const T sg = sigmoid(v[c]);
-            v[c] = sg * (T(1) + v[c] * (T(1) - sg)) * h[c];
-          }
+          for (int c = 0; c < TILE; ++c) v[c] = silu_slope(v[c]) * h[c];
           std::memcpy(grad_p + (b * G + g) * C + c0, v, width * sizeof(T));
         }
       }
@@ -336,10 +333,7 @@ void mlp_to_grid_backward(const T* h, const T* grad_a, const T* S, T* grad_h, in
           combine(S + g * K, 1, K, ht, TILE, y);
           T* v = values + g * TILE;
 #pragma omp simd
-          for (int c = 0; c < TILE; ++c) {
-            const T sg = sigmoid(y[c]);
-            v[c] *= sg * (T(1) + y[c] * (T(1) - sg));
-          }
+          for (int c = 0; c < TILE; ++c) v[c] *= silu_slope(y[c]);
         }
         for (int64_t k = 0; k < K; ++k) combine(S + k, K, G, values, TILE, ot + k * TILE);
         store_tile(ot, K, C, c0, width, grad_h + b * K * C);
