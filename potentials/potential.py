@@ -22,7 +22,7 @@ from torch import nn
 from potentials import keys
 from potentials.errors import PotentialsInputError
 from potentials.neighbors import edge_vectors
-from potentials.nn import grad_scope
+from potentials.nn import grad_scope, threads
 
 NUM_Z = 119
 
@@ -128,23 +128,26 @@ class Potential(nn.Module):
             # differentiated below with respect to positions and strain only, the graph not kept: no parameter
             # gradients can be asked of it (custom autograd functions may then skip theirs)
             derivatives_only = bool(inputs) and not create_graph and not getattr(self.model, "direct_forces", False)
-            with grad_scope.inputs_only(derivatives_only):
-                out = self.model(data)
-            direct_forces = None
-            if isinstance(out, Mapping):
-                direct_forces = out.get(keys.FORCES)
-                out = out[keys.NODE_ENERGY]
-            node_energy = (self.scale * out + self.shift + self.atomic_energies[z]).to(pos.dtype)
-            energy = _scatter_sum(node_energy, batch, n_graphs)
-            result = {keys.ENERGY: energy, keys.NODE_ENERGY: node_energy}
-            if direct_forces is not None:
-                result[keys.FORCES] = direct_forces * self.scale
-                if compute_forces:
-                    inputs = inputs[1:]
+            # small steps on one thread where OpenMP threads sleep between operations (potentials.nn.threads)
+            with threads.small_steps_serial(derivatives_only):
+                with grad_scope.inputs_only(derivatives_only):
+                    out = self.model(data)
+                direct_forces = None
+                if isinstance(out, Mapping):
+                    direct_forces = out.get(keys.FORCES)
+                    out = out[keys.NODE_ENERGY]
+                node_energy = (self.scale * out + self.shift + self.atomic_energies[z]).to(pos.dtype)
+                energy = _scatter_sum(node_energy, batch, n_graphs)
+                result = {keys.ENERGY: energy, keys.NODE_ENERGY: node_energy}
+                if direct_forces is not None:
+                    result[keys.FORCES] = direct_forces * self.scale
+                    if compute_forces:
+                        inputs = inputs[1:]
+                if inputs:
+                    grads = torch.autograd.grad(
+                        [energy.sum()], inputs, create_graph=create_graph, allow_unused=True
+                    )
             if inputs:
-                grads = torch.autograd.grad(
-                    [energy.sum()], inputs, create_graph=create_graph, allow_unused=True
-                )
                 grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, inputs, strict=True)]
                 if compute_forces and direct_forces is None:
                     result[keys.FORCES] = -grads[0]

@@ -188,6 +188,85 @@ def test_training_on_forces_takes_the_same_steps_with_and_without_the_kernels():
     torch.testing.assert_close(params, params_ref, rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+@pytest.mark.parametrize("lmax, mmax, channels", [(2, 2, 64), (3, 1, 70)])
+def test_rotated_pairs_kernel_matches_gather_and_rotation(dtype, tol, lmax, mmax, channels):
+    """The fused gather + rotation and its gradient against bmm(rot, gather_pairs(x)) through autograd, with
+    Wigner matrices of random edges (block-diagonal, rows of a truncated layout when mmax < lmax), nodes with
+    no edges at all, a node that is its own neighbour and a channel count beyond one vector tile."""
+    from potentials.models.equiformer.attention import EdgeData, gather_pairs
+    from potentials.models.equiformer.so3 import EdgeRotation
+
+    gen = torch.Generator().manual_seed(1)
+    n_nodes, n_edges = 12, 80
+    src = torch.randint(0, 9, (n_edges,), generator=gen)  # nodes 9 … 11 have no edges
+    dst = torch.randint(0, 9, (n_edges,), generator=gen)
+    dst[0] = src[0]
+    rotation = EdgeRotation(lmax, mmax)
+    vec = torch.randn(n_edges, 3, dtype=dtype, generator=gen).requires_grad_(True)
+    rot = rotation(vec)
+    x = torch.randn(n_nodes, (lmax + 1) ** 2, channels, dtype=dtype, generator=gen).requires_grad_(True)
+    edge = EdgeData(src, dst, rot, None, None, n_nodes)
+    want = torch.bmm(rot, gather_pairs(x, edge))
+    grad = torch.randn(want.shape, dtype=dtype, generator=gen)
+    want_x, want_vec = torch.autograd.grad(want, (x, vec), grad, retain_graph=True)
+
+    degrees = torch.tensor([l for l, _ in rotation.layout.rows])
+    first, length = degrees * degrees, 2 * degrees + 1
+    kernels = _kernels()
+    got = kernels.rotate_pairs(x.detach(), rot.detach(), src, dst, first, length)
+    torch.testing.assert_close(got, want.detach(), rtol=tol, atol=tol * want.abs().max().item())
+    order, start = edge.incidence()
+    got_x, got_rot = kernels.rotate_pairs_backward(x.detach(), rot.detach(), grad, order, start, first, length)
+    torch.testing.assert_close(got_x, want_x, rtol=tol, atol=tol * want_x.abs().max().item())
+    assert got_x[9:].abs().max() == 0
+    # the rotation's gradient inside its blocks, carried on to the edge vectors by the model's own graph
+    (got_vec,) = torch.autograd.grad(rot, vec, got_rot)
+    torch.testing.assert_close(got_vec, want_vec, rtol=tol, atol=tol * want_vec.abs().max().item())
+    with pytest.raises(ValueError, match="src must be a contiguous CPU torch.int64"):
+        kernels.rotate_pairs(x.detach(), rot.detach(), src.int(), dst, first, length)
+    with pytest.raises(ValueError, match="grad must be"):
+        kernels.rotate_pairs_backward(x.detach(), rot.detach(), grad[:, :, :channels], order, start, first, length)
+
+
+def test_inference_forces_and_stress_are_the_same_with_and_without_the_kernels():
+    """Energy, forces and stress of an EquiformerV2 in inference (the fused rotation, the activation and grid MLP
+    kernels, no parameter gradients) against the tensor-operation path, float64."""
+    import ase.build
+
+    from potentials.graph import AtomicGraph
+    from potentials.models.equiformer import EquiformerV2, attention
+    from potentials.potential import Potential
+
+    atoms = ase.build.bulk("Cu", "fcc", a=3.7, cubic=True).repeat((2, 1, 1))
+    atoms.numbers[[1, 3, 6]] = 13
+    atoms.rattle(0.1, seed=1)
+    graph = AtomicGraph.from_atoms(atoms, 4.0, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = EquiformerV2(cutoff=4.0, avg_num_neighbors=20.0, num_layers=2, lmax=2, mmax=1, channels=16,
+                         attn_hidden_channels=16, num_heads=2, attn_alpha_channels=8, attn_value_channels=8,
+                         ffn_hidden_channels=16, edge_channels=16, num_basis=16)
+    potential = Potential(model, 4.0, scale=1.0).double().eval()
+    calls = []
+    fused = attention._RotatedPairs.apply
+
+    def spy(*args):
+        calls.append(1)
+        return fused(*args)
+
+    _kernels()
+    attention._RotatedPairs.apply = spy
+    try:
+        got = potential(graph)
+    finally:
+        attention._RotatedPairs.apply = fused
+    with native.kernels_disabled():
+        want = potential(graph)
+    assert len(calls) == 2  # one per block: the fused path ran
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-13)
+
+
 def test_build_falls_back_to_portable_flags_and_rebuilds_a_broken_library(monkeypatch, tmp_path):
     """A compiler that rejects -march=native gets a build without it; a cached library that no longer loads is
     rebuilt; an unusable cache folder is named with the variable that moves it."""

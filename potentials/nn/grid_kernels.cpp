@@ -1,6 +1,7 @@
 // Fused S² grid activation on the CPU, out = A · SiLU(S · x) per row, with its gradient and the gradient's
 // derivative: coefficients → values on the grid → SiLU → coefficients, one tile of channels of one row at a time,
-// so the grid values live in the L1 cache and never in memory.  Built and loaded by potentials/nn/native.py.
+// so the grid values live in the L1 cache and never in memory; the grid MLP's point-wise steps; and the rotation of
+// node pairs into the edge frames (at the end).  Built and loaded by potentials/nn/native.py.
 //
 // Layout: x [B, K, C] (row, coefficient, channel; channels contiguous), row-major matrices: synthesis S [G, K]
 // (coefficients → grid values), analysis A [KO, G] (grid values → coefficients).  Rows are shared among OpenMP
@@ -342,6 +343,80 @@ void mlp_to_grid_backward(const T* h, const T* grad_a, const T* S, T* grad_h, in
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Node pairs rotated into each edge's frame (the input of the eSCN / EquiformerV2 message), without the gathered
+// [E, K, 2C] copy of the pairs:
+//   out[e, r, 0:C]  = Σ_k rot[e, r, k] · x[src[e], k, :],    out[e, r, C:2C] = Σ_k rot[e, r, k] · x[dst[e], k, :]
+// x [N, K, C], rot [E, R, K], out [E, R, 2C].  rot is block-diagonal in the degree: row r is read only in its
+// columns first[r] … first[r] + len[r] − 1 (the others are constant zeros of the model), which also skips their
+// multiplications (35 of 81 entries per edge at lmax = mmax = 2).
+
+template <typename T>
+void rotate_pairs(const T* x, const T* rot, const int64_t* src, const int64_t* dst, const int64_t* first,
+                  const int64_t* len, T* out, int64_t E, int64_t R, int64_t K, int64_t C, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t e = 0; e < E; ++e) {
+    const T* re = rot + e * R * K;
+    for (int half = 0; half < 2; ++half) {
+      const T* xn = x + (half ? dst[e] : src[e]) * K * C;
+      for (int64_t r = 0; r < R; ++r) {
+        T* o = out + (e * R + r) * 2 * C + half * C;
+        const int64_t k0 = first[r], k1 = first[r] + len[r];
+        const T a0 = re[r * K + k0];
+        const T* x0 = xn + k0 * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) o[c] = a0 * x0[c];
+        for (int64_t k = k0 + 1; k < k1; ++k) {
+          const T a = re[r * K + k];
+          const T* xk = xn + k * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) o[c] += a * xk[c];
+        }
+      }
+    }
+  }
+}
+
+// Its gradient for the output gradient grad [E, R, 2C], node by node (no two threads write one row):
+//   grad_x[n]  = Σ_{e: src[e] = n} rot[e]ᵀ · grad[e, :, 0:C] + Σ_{e: dst[e] = n} rot[e]ᵀ · grad[e, :, C:2C]
+//   grad_rot[h, e, r, k] = Σ_c grad[e, r, hC + c] · x[node_h(e), k, c]   (h = 0: src, 1: dst; 0 outside the blocks)
+// order [2, E]: edges sorted by src, then by dst; start [2, N + 1]: where each node's edges begin in them.
+template <typename T>
+void rotate_pairs_backward(const T* x, const T* rot, const T* grad, const int64_t* order, const int64_t* start,
+                           const int64_t* first, const int64_t* len, T* grad_x, T* grad_rot, int64_t N, int64_t E,
+                           int64_t R, int64_t K, int64_t C, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 8)
+  for (int64_t n = 0; n < N; ++n) {
+    T* gx = grad_x + n * K * C;
+    std::fill(gx, gx + K * C, T(0));
+    const T* xn = x + n * K * C;
+    for (int half = 0; half < 2; ++half) {
+      const int64_t* st = start + half * (N + 1);
+      for (int64_t i = st[n]; i < st[n + 1]; ++i) {
+        const int64_t e = order[half * E + i];
+        const T* re = rot + e * R * K;
+        T* gr = grad_rot + (half * E + e) * R * K;
+        std::fill(gr, gr + R * K, T(0));
+        for (int64_t r = 0; r < R; ++r) {
+          const T* g = grad + (e * R + r) * 2 * C + half * C;
+          for (int64_t k = first[r]; k < first[r] + len[r]; ++k) {
+            const T a = re[r * K + k];
+            T* gxk = gx + k * C;
+            const T* xk = xn + k * C;
+            T dot = 0;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t c = 0; c < C; ++c) {
+              gxk[c] += a * g[c];
+              dot += g[c] * xk[c];
+            }
+            gr[r * K + k] = dot;
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 #define EXPORT(T, SUFFIX)                                                                                          \
@@ -379,7 +454,22 @@ void mlp_to_grid_backward(const T* h, const T* grad_a, const T* S, T* grad_h, in
     mlp_to_grid_backward<T>(h, grad_a, S, grad_h, B, K, G, C, threads);                                            \
   }
 
+#define EXPORT_ROTATION(T, SUFFIX)                                                                                 \
+  extern "C" void rotate_pairs_##SUFFIX(const T* x, const T* rot, const int64_t* src, const int64_t* dst,          \
+                                        const int64_t* first, const int64_t* len, T* out, int64_t E, int64_t R,   \
+                                        int64_t K, int64_t C, int threads) {                                      \
+    rotate_pairs<T>(x, rot, src, dst, first, len, out, E, R, K, C, threads);                                       \
+  }                                                                                                                \
+  extern "C" void rotate_pairs_backward_##SUFFIX(const T* x, const T* rot, const T* grad, const int64_t* order,   \
+                                                 const int64_t* start, const int64_t* first, const int64_t* len,  \
+                                                 T* grad_x, T* grad_rot, int64_t N, int64_t E, int64_t R,         \
+                                                 int64_t K, int64_t C, int threads) {                             \
+    rotate_pairs_backward<T>(x, rot, grad, order, start, first, len, grad_x, grad_rot, N, E, R, K, C, threads);   \
+  }
+
 EXPORT(float, f32)
 EXPORT(double, f64)
 EXPORT_MLP(float, f32)
 EXPORT_MLP(double, f64)
+EXPORT_ROTATION(float, f32)
+EXPORT_ROTATION(double, f64)

@@ -111,6 +111,25 @@ def test_layer_norm_linear_and_gate_are_equivariant():
     torch.testing.assert_close(gate(gates, d @ x), d @ gate(gates, x), atol=1e-12, rtol=0)
 
 
+def test_so3_linear_is_one_map_per_degree_with_bias_on_l0():
+    """The batched product against the definition: y_l = W_l x_l per degree, bias on l = 0 only (with gradients)."""
+    linear = SO3Linear(LMAX, C, 5).double()
+    with torch.no_grad():
+        linear.bias.uniform_(-1, 1)
+    x = torch.randn(7, num_coefficients(LMAX), C, dtype=torch.float64, requires_grad=True)
+    blocks = [x[:, l * l:(l + 1) ** 2] @ linear.weight[l].T for l in range(LMAX + 1)]
+    blocks[0] = blocks[0] + linear.bias
+    want = torch.cat(blocks, dim=1)
+    got = linear(x)
+    torch.testing.assert_close(got, want, atol=1e-13, rtol=0)
+    grad = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, [x, linear.weight, linear.bias], grad),
+                    torch.autograd.grad(want, [x, linear.weight, linear.bias], grad), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    # chained maps read the coefficient-major result directly
+    assert SO3Linear(LMAX, 5, 3).double()(got).shape == (7, num_coefficients(LMAX), 3)
+
+
 def test_gather_pairs_matches_concatenated_gathers_with_derivatives():
     pos, edge_index = _graph(5)
     edge = _edge_data(edge_index, pos[edge_index[1]] - pos[edge_index[0]], 5)

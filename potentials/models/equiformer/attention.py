@@ -14,7 +14,7 @@ and this is the paper's softmax.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,6 +24,8 @@ from potentials.models.equiformer.grid import S2Grid, SeparableS2Activation
 from potentials.models.equiformer.layers import GateActivation, RadialMLP, SmoothLeakyReLU, SO3Linear
 from potentials.models.equiformer.so2 import SO2Convolution
 from potentials.models.equiformer.so3 import EdgeLayout
+from potentials.nn import grad_scope, threads
+from potentials.nn.native import grid_kernels
 
 
 @dataclass
@@ -44,6 +46,20 @@ class EdgeData:
     radial: torch.Tensor
     envelope: torch.Tensor
     num_nodes: int
+    _incidence: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def incidence(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order [2, E], start [2, N + 1]): the edges sorted by src and by dst, and where each node's edges begin
+        in those orders (computed once per forward pass)."""
+        if self._incidence is None:
+            orders, starts = [], []
+            for index in (self.src, self.dst):
+                orders.append(torch.argsort(index, stable=True))
+                start = index.new_zeros(self.num_nodes + 1)
+                torch.cumsum(torch.bincount(index, minlength=self.num_nodes), 0, out=start[1:])
+                starts.append(start)
+            self._incidence = (torch.stack(orders), torch.stack(starts))
+        return self._incidence
 
 
 def envelope_softmax(logits: torch.Tensor, envelope: torch.Tensor, index: torch.Tensor, num_nodes: int
@@ -78,6 +94,41 @@ def gather_pairs(x: torch.Tensor, edge: EdgeData) -> torch.Tensor:
     coeff = torch.arange(k, device=x.device)
     rows = torch.stack([edge.src[:, None] * k + coeff, edge.dst[:, None] * k + coeff], dim=-1)
     return x.reshape(n * k, c).index_select(0, rows.reshape(-1)).view(-1, k, 2 * c)
+
+
+class _RotatedPairs(torch.autograd.Function):
+    """bmm(rot, gather_pairs(x, edge)) in one compiled kernel (:mod:`potentials.nn.native`), without the gathered
+    copy of the pairs; its backward pass is not differentiable, so it serves where no backward pass is
+    (:func:`potentials.nn.grad_scope.active`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rot: torch.Tensor, edge: EdgeData, kernels, first: torch.Tensor,
+                length: torch.Tensor) -> torch.Tensor:
+        x, rot = x.contiguous(), rot.contiguous()
+        ctx.save_for_backward(x, rot, first, length)
+        ctx.edge, ctx.kernels = edge, kernels
+        return kernels.rotate_pairs(x, rot, edge.src.contiguous(), edge.dst.contiguous(), first, length)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, rot, first, length = ctx.saved_tensors
+        order, start = ctx.edge.incidence()
+        grad_x, grad_rot = ctx.kernels.rotate_pairs_backward(x, rot, grad.contiguous(), order, start, first, length)
+        return grad_x, grad_rot, None, None, None, None
+
+
+def rotated_pairs(x: torch.Tensor, edge: EdgeData, row_first: torch.Tensor, row_length: torch.Tensor
+                  ) -> torch.Tensor:
+    """Edge-frame coefficients of [x_j, x_i] per edge j → i: bmm(edge.rot, gather_pairs(x, edge)), [E, R, 2C].
+
+    ``row_first``, ``row_length`` [R]: the columns of each row of ``edge.rot`` inside its degree's block.  On the
+    CPU, where no backward pass will be differentiated (forces and stress in inference), one compiled kernel does
+    the gather and the rotation (4× faster forward and backward on 21 000 edges); elsewhere tensor operations.
+    """
+    kernels = grid_kernels(x, edge.rot)
+    if kernels is not None and (grad_scope.active() or not torch.is_grad_enabled()):
+        return _RotatedPairs.apply(x, edge.rot, edge, kernels, row_first, row_length)
+    return torch.bmm(edge.rot, gather_pairs(x, edge))
 
 
 def _atom_edge_embeddings(num_elements: int, width: int) -> tuple[nn.Embedding, nn.Embedding]:
@@ -135,27 +186,32 @@ class SO2GraphAttention(nn.Module):
         self.alpha_dot = nn.Parameter(torch.empty(num_heads, alpha_channels).uniform_(-bound, bound))
         self.alpha_dropout = nn.Dropout(alpha_drop) if alpha_drop > 0 else nn.Identity()
         self.proj = SO3Linear(layout.lmax, num_heads * value_channels, out_channels)
+        degrees = torch.tensor([l for l, _ in layout.rows], dtype=torch.long)
+        self.register_buffer("row_first", degrees * degrees, persistent=False)
+        self.register_buffer("row_length", 2 * degrees + 1, persistent=False)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, edge: EdgeData) -> torch.Tensor:
         """x [N, (lmax+1)², C], z [N] → [N, (lmax+1)², C_out]."""
-        n_edges = edge.src.shape[0]
+        n_edges, node_values = edge.src.shape[0], x.numel()
+        x = threads.enter(x, 2 * n_edges * x.shape[1] * x.shape[2])  # edge-wise steps (potentials.nn.threads)
         scalars = edge_scalars(edge.radial, z, edge, self.source_embedding, self.target_embedding)
-        pair = gather_pairs(x, edge)
-        msg = torch.bmm(edge.rot, pair)
+        msg = rotated_pairs(x, edge, self.row_first, self.row_length)
         msg, extra = self.conv_1(msg, scalars)
         n_alpha = self.num_heads * self.alpha_channels
         msg = self.activation(extra[:, n_alpha:], msg)
         msg, _ = self.conv_2(msg)
-        feats = extra[:, :n_alpha].reshape(n_edges, self.num_heads, self.alpha_channels)
+        # attention weights: a chain of small steps on [E, H, A] and [E, H] (one thread where that is faster)
+        feats = threads.enter(extra[:, :n_alpha].reshape(n_edges, self.num_heads, self.alpha_channels))
         feats = self.alpha_act(self.alpha_norm(feats))
         logits = torch.einsum("eha,ha->eh", feats, self.alpha_dot)
         weight = envelope_softmax(logits, edge.envelope, edge.dst, edge.num_nodes)
         weight = self.alpha_dropout(weight) * edge.envelope.unsqueeze(-1)
+        weight = threads.enter(weight, msg.numel())
         n_rows = msg.shape[1]
         msg = msg.reshape(n_edges, n_rows, self.num_heads, self.value_channels) * weight[:, None, :, None]
         msg = torch.bmm(edge.rot.transpose(1, 2), msg.reshape(n_edges, n_rows, self.num_heads * self.value_channels))
         out = msg.new_zeros(edge.num_nodes, *msg.shape[1:]).index_add_(0, edge.dst, msg)
-        return self.proj(out)
+        return self.proj(threads.enter(out, node_values))
 
 
 class EdgeDegreeEmbedding(nn.Module):

@@ -57,7 +57,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from potentials.nn import grad_scope
+from potentials.nn import grad_scope, threads
 from potentials.nn.native import grid_kernels
 from potentials.nn.sphere_grid import sh_grid_matrices
 
@@ -253,8 +253,8 @@ class SeparableS2Activation(nn.Module):
         """scalars [B, C], x [B, K, C] → [B, K, C]."""
         synthesis = self.grid.to_grid_mat.to(x.dtype)
         analysis = self.grid.from_grid_mat[1:].to(x.dtype)
-        higher = GridSiLU.apply(x, synthesis, analysis)
-        return torch.cat([self.act(scalars).unsqueeze(1), higher], dim=1)
+        higher = GridSiLU.apply(threads.enter(x, x.shape[0] * synthesis.shape[0] * x.shape[2]), synthesis, analysis)
+        return torch.cat([self.act(scalars).unsqueeze(1), threads.enter(higher, x.numel())], dim=1)
 
 
 class GridMLPCore(torch.autograd.Function):
@@ -366,5 +366,7 @@ class GridMLP(nn.Module):
         first, _, middle, _, last = self.mlp
         synthesis = self.grid.to_grid_mat.to(x.dtype)
         analysis = self.grid.from_grid_mat[1:].to(x.dtype)
-        higher = last(GridMLPCore.apply(first(x), synthesis, analysis, grad_scope.parameter(middle.weight)))
+        h = threads.enter(first(x), x.shape[0] * synthesis.shape[0] * x.shape[2])  # grid values (nn.threads)
+        h = GridMLPCore.apply(h, synthesis, analysis, grad_scope.parameter(middle.weight))
+        higher = last(threads.enter(h, x.numel()))
         return torch.cat([scalars.unsqueeze(1), higher], dim=1)

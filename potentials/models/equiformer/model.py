@@ -35,6 +35,7 @@ from potentials.models.equiformer.layers import (
     GraphDropPath,
 )
 from potentials.models.equiformer.so3 import EdgeRotation, num_coefficients
+from potentials.nn import threads
 from potentials.nn.radial import GaussianBasis, PolynomialEnvelope
 
 NUM_ELEMENTS = 119
@@ -226,7 +227,7 @@ class EquiformerV2(nn.Module):
         edge = self.edge_data(graph.edge_index, edge_vec, n)
         x0 = self.embedding(z).unsqueeze(1)
         x = torch.cat([x0, x0.new_zeros(n, num_coefficients(self.lmax) - 1, self.channels)], dim=1)
-        x = x + self.edge_degree(z, edge)
+        x = threads.enter(x + self.edge_degree(z, edge))  # node-wise steps from here on (see potentials.nn.threads)
         num_graphs = 1
         if self.training and any(b.drop_path.p > 0 for b in self.blocks):
             num_graphs = int(batch.max()) + 1 if n else 0
