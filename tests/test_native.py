@@ -190,8 +190,9 @@ def test_training_on_forces_takes_the_same_steps_with_and_without_the_kernels():
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
 @pytest.mark.parametrize("lmax, mmax, channels", [(2, 2, 64), (3, 1, 70)])
-def test_rotated_pairs_kernel_matches_gather_and_rotation(dtype, tol, lmax, mmax, channels):
-    """The fused gather + rotation and its gradient against bmm(rot, gather_pairs(x)) through autograd, with
+def test_rotation_kernels_match_gather_rotation_and_sum(dtype, tol, lmax, mmax, channels):
+    """The fused gather + rotation and its gradient against bmm(rot, gather_pairs(x)) through autograd, and the
+    rotation back with the sum over each centre's edges against bmm(rotᵀ, msg) + index_add, with
     Wigner matrices of random edges (block-diagonal, rows of a truncated layout when mmax < lmax), nodes with
     no edges at all, a node that is its own neighbour and a channel count beyond one vector tile."""
     from potentials.models.equiformer.attention import EdgeData, gather_pairs
@@ -221,6 +222,20 @@ def test_rotated_pairs_kernel_matches_gather_and_rotation(dtype, tol, lmax, mmax
     torch.testing.assert_close(got_x, want_x, rtol=tol, atol=tol * want_x.abs().max().item())
     assert got_x[9:].abs().max() == 0
     # the rotation's gradient inside its blocks, carried on to the edge vectors by the model's own graph
+    (got_vec,) = torch.autograd.grad(rot, vec, got_rot, retain_graph=True)
+    torch.testing.assert_close(got_vec, want_vec, rtol=tol, atol=tol * want_vec.abs().max().item())
+    # and back: the messages rotated out of the edge frames and summed into the centres (nodes 9 … 11 get none)
+    msg = torch.randn(n_edges, rot.shape[1], channels, dtype=dtype, generator=gen).requires_grad_(True)
+    back = torch.bmm(rot.transpose(1, 2), msg)
+    want = back.new_zeros(n_nodes, *back.shape[1:]).index_add_(0, dst, back)
+    grad = torch.randn(want.shape, dtype=dtype, generator=gen)
+    want_msg, want_vec = torch.autograd.grad(want, (msg, vec), grad, retain_graph=True)
+    got = kernels.rotate_back_sum(msg.detach(), rot.detach(), order[1].contiguous(), start[1].contiguous(), first,
+                                  length)
+    torch.testing.assert_close(got, want.detach(), rtol=tol, atol=tol * want.abs().max().item())
+    assert got[9:].abs().max() == 0
+    got_msg, got_rot = kernels.rotate_back_sum_backward(msg.detach(), rot.detach(), grad, dst, first, length)
+    torch.testing.assert_close(got_msg, want_msg, rtol=tol, atol=tol * want_msg.abs().max().item())
     (got_vec,) = torch.autograd.grad(rot, vec, got_rot)
     torch.testing.assert_close(got_vec, want_vec, rtol=tol, atol=tol * want_vec.abs().max().item())
     with pytest.raises(ValueError, match="src must be a contiguous CPU torch.int64"):
@@ -229,7 +244,7 @@ def test_rotated_pairs_kernel_matches_gather_and_rotation(dtype, tol, lmax, mmax
         kernels.rotate_pairs_backward(x.detach(), rot.detach(), grad[:, :, :channels], order, start, first, length)
 
 
-def test_inference_forces_and_stress_are_the_same_with_and_without_the_kernels():
+def test_inference_forces_and_stress_are_the_same_with_and_without_the_kernels(monkeypatch):
     """Energy, forces and stress of an EquiformerV2 in inference (the fused rotation, the activation and grid MLP
     kernels, no parameter gradients) against the tensor-operation path, float64."""
     import ase.build
@@ -248,21 +263,18 @@ def test_inference_forces_and_stress_are_the_same_with_and_without_the_kernels()
                          ffn_hidden_channels=16, edge_channels=16, num_basis=16)
     potential = Potential(model, 4.0, scale=1.0).double().eval()
     calls = []
-    fused = attention._RotatedPairs.apply
+    fused = {cls: cls.apply for cls in (attention._RotatedPairs, attention._RotatedBackSum)}
 
-    def spy(*args):
-        calls.append(1)
-        return fused(*args)
+    def spy(cls):
+        return lambda *args: calls.append(cls.__name__) or fused[cls](*args)
 
     _kernels()
-    attention._RotatedPairs.apply = spy
-    try:
-        got = potential(graph)
-    finally:
-        attention._RotatedPairs.apply = fused
+    for cls in fused:
+        monkeypatch.setattr(cls, "apply", spy(cls))
+    got = potential(graph)
     with native.kernels_disabled():
         want = potential(graph)
-    assert len(calls) == 2  # one per block: the fused path ran
+    assert sorted(calls) == ["_RotatedBackSum"] * 2 + ["_RotatedPairs"] * 2  # one each per block: the fused path
     for key in ("energy", "forces", "stress"):
         torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-13)
 

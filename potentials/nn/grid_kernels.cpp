@@ -417,6 +417,65 @@ void rotate_pairs_backward(const T* x, const T* rot, const T* grad, const int64_
   }
 }
 
+// Messages rotated back from the edge frames and summed into their centres (the output of the eSCN / EquiformerV2
+// message passing), node by node:  out[n] = Σ_{e: dst[e] = n} rot[e]ᵀ · msg[e]
+// msg [E, R, C], rot [E, R, K] (block-diagonal as above), out [N, K, C]; order, start: the dst half of the
+// incidence arrays of rotate_pairs_backward.
+template <typename T>
+void rotate_back_sum(const T* msg, const T* rot, const int64_t* order, const int64_t* start, const int64_t* first,
+                     const int64_t* len, T* out, int64_t N, int64_t R, int64_t K, int64_t C, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 8)
+  for (int64_t n = 0; n < N; ++n) {
+    T* o = out + n * K * C;
+    std::fill(o, o + K * C, T(0));
+    for (int64_t i = start[n]; i < start[n + 1]; ++i) {
+      const int64_t e = order[i];
+      const T* re = rot + e * R * K;
+      for (int64_t r = 0; r < R; ++r) {
+        const T* m = msg + (e * R + r) * C;
+        for (int64_t k = first[r]; k < first[r] + len[r]; ++k) {
+          const T a = re[r * K + k];
+          T* ok = o + k * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) ok[c] += a * m[c];
+        }
+      }
+    }
+  }
+}
+
+// Its gradient for the output gradient grad [N, K, C], edge by edge:
+//   grad_msg[e] = rot[e] · grad[dst[e]],   grad_rot[e, r, k] = Σ_c msg[e, r, c] · grad[dst[e], k, c] (0 outside the
+//   blocks)
+template <typename T>
+void rotate_back_sum_backward(const T* msg, const T* rot, const T* grad, const int64_t* dst, const int64_t* first,
+                              const int64_t* len, T* grad_msg, T* grad_rot, int64_t E, int64_t R, int64_t K,
+                              int64_t C, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t e = 0; e < E; ++e) {
+    const T* re = rot + e * R * K;
+    const T* gn = grad + dst[e] * K * C;
+    T* gr = grad_rot + e * R * K;
+    std::fill(gr, gr + R * K, T(0));
+    for (int64_t r = 0; r < R; ++r) {
+      const T* m = msg + (e * R + r) * C;
+      T* gm = grad_msg + (e * R + r) * C;
+      std::fill(gm, gm + C, T(0));
+      for (int64_t k = first[r]; k < first[r] + len[r]; ++k) {
+        const T a = re[r * K + k];
+        const T* gk = gn + k * C;
+        T dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t c = 0; c < C; ++c) {
+          gm[c] += a * gk[c];
+          dot += m[c] * gk[c];
+        }
+        gr[r * K + k] = dot;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 #define EXPORT(T, SUFFIX)                                                                                          \
@@ -465,6 +524,17 @@ void rotate_pairs_backward(const T* x, const T* rot, const T* grad, const int64_
                                                  T* grad_x, T* grad_rot, int64_t N, int64_t E, int64_t R,         \
                                                  int64_t K, int64_t C, int threads) {                             \
     rotate_pairs_backward<T>(x, rot, grad, order, start, first, len, grad_x, grad_rot, N, E, R, K, C, threads);   \
+  }                                                                                                               \
+  extern "C" void rotate_back_sum_##SUFFIX(const T* msg, const T* rot, const int64_t* order, const int64_t* start,  \
+                                           const int64_t* first, const int64_t* len, T* out, int64_t N, int64_t R, \
+                                           int64_t K, int64_t C, int threads) {                                   \
+    rotate_back_sum<T>(msg, rot, order, start, first, len, out, N, R, K, C, threads);                              \
+  }                                                                                                                \
+  extern "C" void rotate_back_sum_backward_##SUFFIX(const T* msg, const T* rot, const T* grad, const int64_t* dst, \
+                                                    const int64_t* first, const int64_t* len, T* grad_msg,        \
+                                                    T* grad_rot, int64_t E, int64_t R, int64_t K, int64_t C,      \
+                                                    int threads) {                                                \
+    rotate_back_sum_backward<T>(msg, rot, grad, dst, first, len, grad_msg, grad_rot, E, R, K, C, threads);         \
   }
 
 EXPORT(float, f32)

@@ -131,6 +131,41 @@ def rotated_pairs(x: torch.Tensor, edge: EdgeData, row_first: torch.Tensor, row_
     return torch.bmm(edge.rot, gather_pairs(x, edge))
 
 
+class _RotatedBackSum(torch.autograd.Function):
+    """Σ over each centre's edges of bmm(rot.transpose(1, 2), msg) in one compiled kernel, node by node; its backward
+    pass is not differentiable (see :class:`_RotatedPairs`)."""
+
+    @staticmethod
+    def forward(ctx, msg: torch.Tensor, rot: torch.Tensor, edge: EdgeData, kernels, first: torch.Tensor,
+                length: torch.Tensor) -> torch.Tensor:
+        msg, rot = msg.contiguous(), rot.contiguous()
+        ctx.save_for_backward(msg, rot, first, length)
+        ctx.edge, ctx.kernels = edge, kernels
+        order, start = edge.incidence()
+        return kernels.rotate_back_sum(msg, rot, order[1], start[1], first, length)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        msg, rot, first, length = ctx.saved_tensors
+        grad_msg, grad_rot = ctx.kernels.rotate_back_sum_backward(msg, rot, grad.contiguous(),
+                                                                  ctx.edge.dst.contiguous(), first, length)
+        return grad_msg, grad_rot, None, None, None, None
+
+
+def rotated_back_sum(msg: torch.Tensor, edge: EdgeData, row_first: torch.Tensor, row_length: torch.Tensor
+                     ) -> torch.Tensor:
+    """Edge-frame messages [E, R, C] rotated back and summed into their centres: [N, (lmax+1)², C].
+
+    The compiled kernel where :func:`rotated_pairs` uses one (2–2.5× faster with the gradient on 21 000 edges);
+    elsewhere bmm and index_add.
+    """
+    kernels = grid_kernels(msg, edge.rot)
+    if kernels is not None and (grad_scope.active() or not torch.is_grad_enabled()):
+        return _RotatedBackSum.apply(msg, edge.rot, edge, kernels, row_first, row_length)
+    msg = torch.bmm(edge.rot.transpose(1, 2), msg)
+    return msg.new_zeros(edge.num_nodes, *msg.shape[1:]).index_add_(0, edge.dst, msg)
+
+
 def _atom_edge_embeddings(num_elements: int, width: int) -> tuple[nn.Embedding, nn.Embedding]:
     source, target = nn.Embedding(num_elements, width), nn.Embedding(num_elements, width)
     nn.init.uniform_(source.weight, -1e-3, 1e-3)
@@ -209,8 +244,8 @@ class SO2GraphAttention(nn.Module):
         weight = threads.enter(weight, msg.numel())
         n_rows = msg.shape[1]
         msg = msg.reshape(n_edges, n_rows, self.num_heads, self.value_channels) * weight[:, None, :, None]
-        msg = torch.bmm(edge.rot.transpose(1, 2), msg.reshape(n_edges, n_rows, self.num_heads * self.value_channels))
-        out = msg.new_zeros(edge.num_nodes, *msg.shape[1:]).index_add_(0, edge.dst, msg)
+        msg = msg.reshape(n_edges, n_rows, self.num_heads * self.value_channels)
+        out = rotated_back_sum(msg, edge, self.row_first, self.row_length)
         return self.proj(threads.enter(out, node_values))
 
 
