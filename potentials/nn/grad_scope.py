@@ -29,11 +29,6 @@ def inputs_only(active: bool = True):
         _local.inputs_only = previous
 
 
-def active() -> bool:
-    """True within :func:`inputs_only`: no backward pass of the graph being built will itself be differentiated."""
-    return getattr(_local, "inputs_only", False)
-
-
 def parameter(weight: torch.Tensor) -> torch.Tensor:
     """``weight``, detached inside :func:`inputs_only` (for passing a parameter to a custom autograd Function)."""
-    return weight.detach() if active() else weight
+    return weight.detach() if getattr(_local, "inputs_only", False) else weight

@@ -377,6 +377,18 @@ void rotate_pairs(const T* x, const T* rot, const int64_t* src, const int64_t* d
   }
 }
 
+// y += a·u over C channels, returning Σ u·v (the two halves of a rotation's gradient in one pass over u)
+template <typename T>
+inline T axpy_dot(T a, const T* u, const T* v, T* y, int64_t C) {
+  T dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t c = 0; c < C; ++c) {
+    y[c] += a * u[c];
+    dot += u[c] * v[c];
+  }
+  return dot;
+}
+
 // Its gradient for the output gradient grad [E, R, 2C], node by node (no two threads write one row):
 //   grad_x[n]  = Σ_{e: src[e] = n} rot[e]ᵀ · grad[e, :, 0:C] + Σ_{e: dst[e] = n} rot[e]ᵀ · grad[e, :, C:2C]
 //   grad_rot[h, e, r, k] = Σ_c grad[e, r, hC + c] · x[node_h(e), k, c]   (h = 0: src, 1: dst; 0 outside the blocks)
@@ -399,18 +411,8 @@ void rotate_pairs_backward(const T* x, const T* rot, const T* grad, const int64_
         std::fill(gr, gr + R * K, T(0));
         for (int64_t r = 0; r < R; ++r) {
           const T* g = grad + (e * R + r) * 2 * C + half * C;
-          for (int64_t k = first[r]; k < first[r] + len[r]; ++k) {
-            const T a = re[r * K + k];
-            T* gxk = gx + k * C;
-            const T* xk = xn + k * C;
-            T dot = 0;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t c = 0; c < C; ++c) {
-              gxk[c] += a * g[c];
-              dot += g[c] * xk[c];
-            }
-            gr[r * K + k] = dot;
-          }
+          for (int64_t k = first[r]; k < first[r] + len[r]; ++k)
+            gr[r * K + k] = axpy_dot(re[r * K + k], g, xn + k * C, gx + k * C, C);
         }
       }
     }
@@ -461,17 +463,8 @@ void rotate_back_sum_backward(const T* msg, const T* rot, const T* grad, const i
       const T* m = msg + (e * R + r) * C;
       T* gm = grad_msg + (e * R + r) * C;
       std::fill(gm, gm + C, T(0));
-      for (int64_t k = first[r]; k < first[r] + len[r]; ++k) {
-        const T a = re[r * K + k];
-        const T* gk = gn + k * C;
-        T dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t c = 0; c < C; ++c) {
-          gm[c] += a * gk[c];
-          dot += m[c] * gk[c];
-        }
-        gr[r * K + k] = dot;
-      }
+      for (int64_t k = first[r]; k < first[r] + len[r]; ++k)
+        gr[r * K + k] = axpy_dot(re[r * K + k], gn + k * C, m, gm, C);
     }
   }
 }

@@ -11,6 +11,8 @@ Likewise each layer's message input, bmm(rot, [x_src, x_dst]) per edge, is compu
 the gathered [E, K, 2C] copy, reading only the degree blocks of the rotation (35 of 81 entries at lmax 2), and its
 gradient node by node (no scattered additions): 20 → 7 ms forward, 64 → 24 ms with the gradient on that layer;
 and the messages are rotated back and summed into their centres node by node (12–16 → 6–7 ms with the gradient).
+Both are bilinear, and so are their gradients: the derivatives of any order are these kernels again (see
+``potentials.models.equiformer.attention``).
 
 Build.  ``c++ -O3 -march=native -fopenmp -shared`` into a cache folder (``$POTENTIALS_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/potentials/kernels``, else ``~/.cache/potentials/kernels``), keyed by a hash of the source, the
