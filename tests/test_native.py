@@ -209,6 +209,7 @@ def test_rotation_kernels_match_gather_rotation_and_sum(dtype, tol, lmax, mmax, 
     x = torch.randn(n_nodes, (lmax + 1) ** 2, channels, dtype=dtype, generator=gen).requires_grad_(True)
     edge = EdgeData(src, dst, rot, None, None, n_nodes)
     want = torch.bmm(rot, gather_pairs(x, edge))
+    want_pairs = want.detach()
     grad = torch.randn(want.shape, dtype=dtype, generator=gen)
     want_x, want_vec = torch.autograd.grad(want, (x, vec), grad, retain_graph=True)
 
@@ -240,6 +241,14 @@ def test_rotation_kernels_match_gather_rotation_and_sum(dtype, tol, lmax, mmax, 
     torch.testing.assert_close(got_vec, want_vec, rtol=tol, atol=tol * want_vec.abs().max().item())
     with pytest.raises(ValueError, match="src must be a contiguous CPU torch.int64"):
         kernels.rotate_pairs(x.detach(), rot.detach(), src.int(), dst, first, length)
+    with pytest.raises(ValueError, match="row blocks .* must lie within the"):
+        kernels.rotate_pairs(x.detach(), rot.detach(), src, dst, first + 1, length)
+    # the model's entry point takes int32 edge indices as well
+    from potentials.models.equiformer.attention import rotated_pairs
+
+    edge32 = EdgeData(src.int(), dst.int(), rot.detach(), None, None, n_nodes)
+    torch.testing.assert_close(rotated_pairs(x.detach(), edge32, first, length), want_pairs, rtol=tol,
+                               atol=tol * want_pairs.abs().max().item())
     with pytest.raises(ValueError, match="grad must be"):
         kernels.rotate_pairs_backward(x.detach(), rot.detach(), grad[:, :, :channels], order, start, first, length)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import ase.build
 import pytest
 import torch
@@ -153,3 +155,20 @@ def test_training_keeps_the_thread_count(monkeypatch, two_threads):
     out = potential(_cell())
     (out["forces"] ** 2).sum().backward()
     assert seen == [] and torch.get_num_threads() == 2
+
+
+def test_other_threads_never_switch(monkeypatch, two_threads):
+    """A count set in a worker thread would become the default of threads started meanwhile: only the main thread
+    switches."""
+    monkeypatch.setenv("POTENTIALS_SERIAL_BELOW", "100000")
+    seen = []
+
+    def work():
+        x = torch.randn(10, requires_grad=True)
+        with threads.small_steps_serial():
+            seen.append(threads.enter(x) is x)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    assert seen == [True] and torch.get_num_threads() == 2

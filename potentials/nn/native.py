@@ -1,5 +1,5 @@
 """Compiled CPU kernels, built on first use with the machine's C++ compiler: the fused S² grid activation, the
-grid MLP's point-wise steps and the rotation of node pairs into the edge frames.
+grid MLP's point-wise steps and the rotations of the message passing (into the edge frames and back).
 
 Why.  EquiformerV2's S² activation maps every edge's coefficients to values on a sphere grid, applies SiLU and
 maps back: for 500 Cu atoms that is 21 000 edges × 64 channels × 42 grid points, 56 M values per layer, each
@@ -141,6 +141,7 @@ class GridKernels:
         (n, k, c), (e, r) = x.shape, rot.shape[:2]
         _check(x.dtype, x=(x, (n, k, c)), rot=(rot, (e, r, k)))
         _check(torch.int64, src=(src, (e,)), dst=(dst, (e,)), first=(first, (r,)), length=(length, (r,)))
+        _check_blocks(first, length, k)
         out = x.new_empty(e, r, 2 * c)
         self._call("rotate_pairs", (e, r, k, c), x, rot, src, dst, first, length, out)
         return out
@@ -155,6 +156,7 @@ class GridKernels:
         _check(x.dtype, x=(x, (n, k, c)), rot=(rot, (e, r, k)), grad=(grad, (e, r, 2 * c)))
         _check(torch.int64, order=(order, (2, e)), start=(start, (2, n + 1)), first=(first, (r,)),
                length=(length, (r,)))
+        _check_blocks(first, length, k)
         grad_x = torch.empty_like(x)
         grad_rot = rot.new_empty(2, e, r, k)  # the src and dst halves' parts, written by different nodes
         self._call("rotate_pairs_backward", (n, e, r, k, c), x, rot, grad, order, start, first, length, grad_x,
@@ -168,6 +170,7 @@ class GridKernels:
         (e, r, c), k, n = msg.shape, rot.shape[2], start.shape[0] - 1
         _check(msg.dtype, msg=(msg, (e, r, c)), rot=(rot, (e, r, k)))
         _check(torch.int64, order=(order, (e,)), start=(start, (n + 1,)), first=(first, (r,)), length=(length, (r,)))
+        _check_blocks(first, length, k)
         out = msg.new_empty(n, k, c)
         self._call("rotate_back_sum", (n, r, k, c), msg, rot, order, start, first, length, out)
         return out
@@ -179,6 +182,7 @@ class GridKernels:
         (e, r, c), k = msg.shape, rot.shape[2]
         _check(msg.dtype, msg=(msg, (e, r, c)), rot=(rot, (e, r, k)), grad=(grad, (grad.shape[0], k, c)))
         _check(torch.int64, dst=(dst, (e,)), first=(first, (r,)), length=(length, (r,)))
+        _check_blocks(first, length, k)
         grad_msg, grad_rot = torch.empty_like(msg), torch.empty_like(rot)
         self._call("rotate_back_sum_backward", (e, r, k, c), msg, rot, grad, dst, first, length, grad_msg, grad_rot)
         return grad_msg, grad_rot
@@ -195,6 +199,13 @@ def _sizes(x, synthesis, analysis, grad=None, u=None) -> tuple[int, int, int, in
         expected["u"] = (u, (b, k, c))
     _check(x.dtype, **expected)
     return b, k, g, ko, c
+
+
+def _check_blocks(first: torch.Tensor, length: torch.Tensor, k: int) -> None:
+    """Every row's block of columns first … first + length − 1 non-empty and inside the K = ``k`` columns."""
+    if any(f < 0 or n < 1 or f + n > k for f, n in zip(first.tolist(), length.tolist(), strict=True)):
+        raise ValueError(f"rotation kernel: row blocks (first {first.tolist()}, length {length.tolist()}) must lie "
+                         f"within the {k} columns")
 
 
 def _check(dtype: torch.dtype, **operands: tuple[torch.Tensor, tuple[int, ...]]) -> None:

@@ -25,7 +25,9 @@ Potential` opens for force and stress evaluations that do not keep the graph), s
 :func:`serial_threshold` values run on one thread, larger ones on the caller's thread count.  The switches are
 autograd functions, so the backward pass switches at the same points, in reverse.  Results are the same either way
 up to the summation order of parallel reductions; only the time differs.  Outside that context (training, direct
-calls of a model), on GPUs, and with any other wait policy, :func:`enter` returns its argument untouched.
+calls of a model), on GPUs, in threads other than the main one (a thread count set there would become the
+default of threads started meanwhile), and with any other wait policy, :func:`enter` returns its argument untouched.
+``OMP_WAIT_POLICY`` is read as the process's environment has it (libgomp reads it once, when it is loaded).
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def small_steps_serial(active: bool = True):
     """
     threshold = serial_threshold() if active else 0
     threads = torch.get_num_threads()
-    if threshold <= 0 or threads <= 1:
+    # main thread only: torch.set_num_threads also sets the count that threads starting their first torch work take
+    if threshold <= 0 or threads <= 1 or threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = getattr(_local, "state", None)

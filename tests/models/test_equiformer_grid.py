@@ -263,7 +263,12 @@ def test_inference_skips_the_grid_mlp_weight_gradient_training_keeps_it():
 
     def spy(ctx, grad):
         calls.append(ctx.needs_input_grad[3])
-        return original(ctx, grad)
+        kept.append(ctx.kept is not None)
+        out = original(ctx, grad)
+        assert ctx.kept is None  # released by the backward pass, not held with the graph
+        return out
+
+    kept = []
 
     GridMLPCore.backward = staticmethod(spy)
     try:
@@ -274,8 +279,18 @@ def test_inference_skips_the_grid_mlp_weight_gradient_training_keeps_it():
         finally:
             potential.model.direct_forces = False
         assert calls == [False] * len(weights) + [True] * len(weights)
+        # the kernel path keeps the pre-activations for the backward pass only without a weight gradient
+        assert kept == [native.grid_kernels(graph.pos) is not None] * len(weights) + [False] * len(weights)
         for key in ("energy", "forces", "stress"):
             torch.testing.assert_close(fast[key], full[key], rtol=1e-13, atol=1e-13)
+        GridMLPCore.KEEP_VALUES, keep_values = 0, GridMLPCore.KEEP_VALUES  # too large to keep: recomputed
+        try:
+            recomputed = potential(graph)
+        finally:
+            GridMLPCore.KEEP_VALUES = keep_values
+        assert kept[-len(weights):] == [False] * len(weights)
+        for key in ("energy", "forces", "stress"):
+            torch.testing.assert_close(fast[key], recomputed[key], rtol=1e-13, atol=1e-13)
         calls.clear()
         out = potential(graph, create_graph=True)
         (out["forces"] ** 2).sum().backward()

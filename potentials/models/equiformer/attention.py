@@ -53,7 +53,7 @@ class EdgeData:
         in those orders (computed once per forward pass)."""
         if self._incidence is None:
             orders, starts = [], []
-            for index in (self.src, self.dst):
+            for index in (self.src.long(), self.dst.long()):
                 orders.append(torch.argsort(index, stable=True))
                 start = index.new_zeros(self.num_nodes + 1)
                 torch.cumsum(torch.bincount(index, minlength=self.num_nodes), 0, out=start[1:])
@@ -106,27 +106,33 @@ class _RotationOp:
     * ``"back"``: a = edge-frame messages [E, R, C] → Σ over each centre's edges of bmm(wᵀ, a), [N, K, C].
 
     ``grad(g, a, w)`` gives the gradients (by a, by w) of ⟨g, value(a, w)⟩, by a kernel of its own (node by node where
-    it sums over edges, so no two threads add into one row).
+    it sums over edges, so no two threads add into one row).  Holds index tensors only (the autograd graph keeps it).
     """
 
     kind: str
-    edge: EdgeData
+    src: torch.Tensor
+    dst: torch.Tensor
+    order: torch.Tensor
+    start: torch.Tensor
     kernels: object
     first: torch.Tensor
     length: torch.Tensor
 
+    @staticmethod
+    def of(kind: str, edge: EdgeData, kernels, first: torch.Tensor, length: torch.Tensor) -> _RotationOp:
+        order, start = edge.incidence()
+        return _RotationOp(kind, edge.src.long().contiguous(), edge.dst.long().contiguous(), order, start, kernels,
+                           first, length)
+
     def value(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.kind == "pairs":
-            return self.kernels.rotate_pairs(a, w, self.edge.src.contiguous(), self.edge.dst.contiguous(),
-                                             self.first, self.length)
-        order, start = self.edge.incidence()
-        return self.kernels.rotate_back_sum(a, w, order[1], start[1], self.first, self.length)
+            return self.kernels.rotate_pairs(a, w, self.src, self.dst, self.first, self.length)
+        return self.kernels.rotate_back_sum(a, w, self.order[1], self.start[1], self.first, self.length)
 
     def grad(self, g: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "pairs":
-            order, start = self.edge.incidence()
-            return self.kernels.rotate_pairs_backward(a, w, g, order, start, self.first, self.length)
-        return self.kernels.rotate_back_sum_backward(a, w, g, self.edge.dst.contiguous(), self.first, self.length)
+            return self.kernels.rotate_pairs_backward(a, w, g, self.order, self.start, self.first, self.length)
+        return self.kernels.rotate_back_sum_backward(a, w, g, self.dst, self.first, self.length)
 
 
 class _Rotation(torch.autograd.Function):
@@ -161,10 +167,8 @@ class _RotationGrad(torch.autograd.Function):
         return op.grad(g, a, w)
 
     @staticmethod
-    def backward(ctx, u: torch.Tensor | None, v: torch.Tensor | None):
+    def backward(ctx, u: torch.Tensor, v: torch.Tensor):  # (autograd passes zeros for an unused output)
         g, a, w = ctx.saved_tensors
-        u = torch.zeros_like(a) if u is None else u
-        v = torch.zeros_like(w) if v is None else v
         grad_g = grad_a = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_g = _Rotation.apply(u, w, ctx.op) + _Rotation.apply(a, v, ctx.op)
@@ -183,7 +187,7 @@ def rotated_pairs(x: torch.Tensor, edge: EdgeData, row_first: torch.Tensor, row_
     """
     kernels = grid_kernels(x, edge.rot)
     if kernels is not None:
-        return _Rotation.apply(x, edge.rot, _RotationOp("pairs", edge, kernels, row_first, row_length))
+        return _Rotation.apply(x, edge.rot, _RotationOp.of("pairs", edge, kernels, row_first, row_length))
     return torch.bmm(edge.rot, gather_pairs(x, edge))
 
 
@@ -195,7 +199,7 @@ def rotated_back_sum(msg: torch.Tensor, edge: EdgeData, row_first: torch.Tensor,
     """
     kernels = grid_kernels(msg, edge.rot)
     if kernels is not None:
-        return _Rotation.apply(msg, edge.rot, _RotationOp("back", edge, kernels, row_first, row_length))
+        return _Rotation.apply(msg, edge.rot, _RotationOp.of("back", edge, kernels, row_first, row_length))
     msg = torch.bmm(edge.rot.transpose(1, 2), msg)
     return msg.new_zeros(edge.num_nodes, *msg.shape[1:]).index_add_(0, edge.dst, msg)
 

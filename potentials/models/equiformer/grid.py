@@ -272,20 +272,29 @@ class GridMLPCore(torch.autograd.Function):
 
     #: grid values per chunk on the kernel path (16 MB in float32)
     KERNEL_CHUNK_VALUES = 1 << 22
+    #: without a weight gradient (inference), the forward pass keeps the pre-activations for the backward pass (a
+    #: matrix product and a kernel less per layer) up to this many grid values (128 MB in float32, ~1800 atoms at
+    #: lmax 2 and 64 channels); above, the backward pass recomputes them
+    KEEP_VALUES = 1 << 25
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, synthesis: torch.Tensor, analysis: torch.Tensor, weight: torch.Tensor
                 ) -> torch.Tensor:
         n, k, c = h.shape
+        ctx.kept = None
         kernels = grid_kernels(h, synthesis, analysis, weight)
         if kernels is not None:
             h, synthesis, analysis = h.contiguous(), synthesis.contiguous(), analysis.contiguous()
             ctx.save_for_backward(h, None, synthesis, analysis, weight)
             out = h.new_empty(n, analysis.shape[0], c)
+            keep = not ctx.needs_input_grad[3] and n * synthesis.shape[0] * c <= GridMLPCore.KEEP_VALUES
+            ctx.kept = [] if keep else None
             for chunk in _chunks(n, synthesis.shape[0] * c, GridMLPCore.KERNEL_CHUNK_VALUES):
                 a = kernels.mlp_to_grid(h[chunk], synthesis)
                 pre = torch.mm(a.view(-1, c), weight.T).view(a.shape)
                 out[chunk] = kernels.mlp_from_grid(pre, analysis)
+                if keep:
+                    ctx.kept.append(pre)
             return out
         ht = h.transpose(0, 1).contiguous()  # [K, B, C]
         ctx.save_for_backward(h, ht, synthesis, analysis, weight)
@@ -302,6 +311,7 @@ class GridMLPCore(torch.autograd.Function):
         h, ht, synthesis, analysis, weight = ctx.saved_tensors
         n, k, c = h.shape
         g = synthesis.shape[0]
+        kept, ctx.kept = ctx.kept, None  # released with this pass, not with the graph
         if torch.is_grad_enabled():  # a graph of this backward pass is being built: differentiable operations only
             u = torch.mm(synthesis, h.transpose(0, 1).reshape(k, n * c)).view(-1, c)
             a = nn.functional.silu(u)
@@ -316,13 +326,16 @@ class GridMLPCore(torch.autograd.Function):
         kernels = grid_kernels(h, grad, synthesis, analysis, weight)
         if kernels is not None:
             grad, grad_h = grad.contiguous(), torch.empty_like(h)
-            for chunk in _chunks(n, g * c, GridMLPCore.KERNEL_CHUNK_VALUES):
-                a = kernels.mlp_to_grid(h[chunk], synthesis)
-                pre = torch.mm(a.view(-1, c), weight.T).view(a.shape)
+            for i, chunk in enumerate(_chunks(n, g * c, GridMLPCore.KERNEL_CHUNK_VALUES)):
+                if kept is not None:  # kept only without a weight gradient, which alone needs a
+                    pre = kept[i]
+                else:
+                    a = kernels.mlp_to_grid(h[chunk], synthesis)
+                    pre = torch.mm(a.view(-1, c), weight.T).view(a.shape)
                 grad_pre = kernels.mlp_from_grid_backward(pre, grad[chunk], analysis)
                 if grad_weight is not None:  # not in inference (potentials.nn.grad_scope)
                     grad_weight.addmm_(grad_pre.view(-1, c).T, a.view(-1, c))
-                grad_a = torch.mm(grad_pre.view(-1, c), weight).view(a.shape)
+                grad_a = torch.mm(grad_pre.view(-1, c), weight).view(pre.shape)
                 grad_h[chunk] = kernels.mlp_to_grid_backward(h[chunk], grad_a, synthesis)
             return grad_h, None, None, grad_weight
         ht = h.transpose(0, 1).contiguous() if ht is None else ht

@@ -16,10 +16,9 @@ class SO3Linear(nn.Module):
     """Degree-wise linear map: y_l = W_l x_l (the same W_l for all 2l+1 orders), bias on l = 0 only.
 
     Equivariant because it mixes channels, never the m components.  Computed as one batched product over the
-    (lmax+1)² coefficients, each with its degree's weight, bias included: a quarter of the operations of a
-    product per degree with its slices and concatenation (whose gradients fill whole zero tensors), 2.5× faster
-    forward and backward on 64–500 atoms.  The result is coefficient-major in memory ([N, K, C] with strides
-    (C, N·C, 1)), which a following SO3Linear reads without a copy.
+    (lmax+1)² coefficients, each with its degree's weight, bias included — one operation instead of a product, a
+    slice and a concatenation per degree (whose gradients fill whole zero tensors): 2.5× faster forward and backward
+    on 64–500 atoms.  The result is coefficient-major in memory ([N, K, C] with strides (C, N·C, 1)).
     """
 
     def __init__(self, lmax: int, in_channels: int, out_channels: int) -> None:
@@ -35,7 +34,7 @@ class SO3Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, (lmax+1)², C_in] → [N, (lmax+1)², C_out]."""
         weight = self.weight.index_select(0, self.degree).transpose(1, 2)  # [K, C_in, C_out]
-        bias = (self.bias_rows.to(x.dtype) * self.bias).unsqueeze(1).expand(-1, x.shape[0], -1)
+        bias = (self.bias_rows.to(x.dtype) * self.bias).unsqueeze(1)  # [K, 1, C_out]
         return torch.baddbmm(bias, x.transpose(0, 1), weight).transpose(0, 1)
 
 
