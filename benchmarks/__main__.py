@@ -162,6 +162,9 @@ def write(run_data: dict, out: Path) -> Path:
         report.plot_throughput(records["infer"], out / f"{stem}-infer.png")
         sections.append(("Inference: energy + forces + stress per step",
                          report.infer_table(records["infer"]) + f"\n\n![throughput]({stem}-infer.png)"))
+        paired = report.paired_ratios_table(records["infer"])
+        if paired:
+            sections.append(("Inference: speed ratios within each round", paired))
     if "train" in records:
         sections.append(("Training step (forces in the loss, graphs prebuilt, float32)",
                          report.train_table(records["train"])))

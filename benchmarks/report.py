@@ -135,6 +135,31 @@ def infer_table(records: list[dict], reference: str = "mace-64") -> str:
     return markdown_table(headers, rows) + _errors(records)
 
 
+def paired_ratios_table(records: list[dict], references: tuple[str, ...] = ("mace-64", "escn-md-64-l2")) -> str:
+    """Each model's speed over a reference's measured in the same round (reference ms / model ms), per round and
+    their median; empty unless some model and reference share two or more rounds.
+
+    Where the machine's speed drifts over minutes, a ratio of two measurements taken close together is steadier
+    than the ratio of two medians taken over different rounds.
+    """
+    times: dict[tuple, dict[int, float]] = {}
+    for rec, e in _rows(records):
+        key = (rec["label"], rec["result"]["dtype"], e["structure"])
+        times.setdefault(key, {})[rec.get("round", 0)] = e["model_ms"]
+    rows = []
+    for (label, dtype, structure), by_round in times.items():
+        for ref in references:
+            ref_rounds = times.get((ref, dtype, structure))
+            common = sorted(set(by_round) & set(ref_rounds or {}))
+            if ref == label or len(common) < 2:
+                continue
+            ratios = [ref_rounds[i] / by_round[i] for i in common]
+            rows.append([label, dtype, structure, ref, ", ".join(fmt(r) for r in ratios), statistics.median(ratios)])
+    if not rows:
+        return ""
+    return markdown_table(["model", "dtype", "structure", "× reference", "each round", "median"], rows)
+
+
 def train_table(records: list[dict], reference: str = "mace-64") -> str:
     """One optimiser step (forces in the loss) per batch; graphs prebuilt."""
     ref = {(e["structure"], r["result"]["dtype"]): e["structures_per_s"]

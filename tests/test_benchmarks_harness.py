@@ -100,6 +100,12 @@ def test_rounds_are_merged_into_medians():
     assert "model ms of each round" in table
     # a single round keeps the plain table
     assert "each round" not in report.infer_table(records[:2], reference="mace-64")
+    # ratios within each round: 250/100, 400/50, 240/110 (mace's ms over egnn's), median 2.5
+    paired = report.paired_ratios_table(records, references=("mace-64",))
+    row = [ln for ln in paired.splitlines() if ln.startswith("| egnn-64")]
+    assert len(row) == 1 and "| 2.5, 8, 2.18 | 2.5 |" in row[0], paired
+    assert not [ln for ln in paired.splitlines() if ln.startswith("| mace-64")]  # not against itself
+    assert report.paired_ratios_table(records[:2], references=("mace-64",)) == ""  # one round: nothing to pair
 
 
 def test_markdown_report_has_run_facts(tmp_path):
