@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-#: Environment variable that points the tests at the folder of real data samples.
-SHARED_DATA_ENV = "POTENTIALS_SHARED_DATA"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+#: The real-data samples the tests read (tests/data: each folder has its PROVENANCE.md with source and licence).
+TEST_DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The folder of real data samples: ``<project root>/../shared/data`` or ``$POTENTIALS_SHARED_DATA``.
-
-    Tests that need real data fail (never skip) when it is missing.
-    """
-    override = os.environ.get(SHARED_DATA_ENV)
-    path = Path(override) if override else PROJECT_ROOT.parent / "shared" / "data"
-    if not path.is_dir():
-        how = f"{SHARED_DATA_ENV} is set to {override!r}" if override else f"{SHARED_DATA_ENV} is not set"
-        pytest.fail(
-            f"shared data folder not found at {path} ({how}). Put the real data samples there or set "
-            f"{SHARED_DATA_ENV}=/path/to/shared/data",
-            pytrace=False,
-        )
-    return path
+def test_data() -> Path:
+    """The folder of real DFT data samples shipped with the tests (MD17, rMD17, MPtrj, OC20 excerpts)."""
+    return TEST_DATA
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
-"""Writers of OC20's distributed formats, fed with the real frames of the shared OC20 relaxation trajectory.
+"""Writers of OC20's distributed formats, fed with the real frames of the OC20 relaxation trajectory in tests/data.
 
-The shared trajectory (system random1447590, O* on Rb, RPBE) carries no tags; the writers fill in OC20's tag
+The trajectory (system random1447590, O* on Rb, RPBE) carries no tags; the writers fill in OC20's tag
 convention from its constraint and species: fixed atoms 0 (subsurface), free slab atoms 1 (surface), O 2
 (adsorbate). It has no reference energy either, so the S2EF ``.txt`` files carry :data:`REFERENCE`, a value
 chosen here; tests check the arithmetic ``energy − reference`` against it.
@@ -23,13 +23,13 @@ from torch_geometric.data import Data
 
 TRAJECTORY = "oc20/oc20_is2res_random1447590.traj"
 SID = 1447590
-#: Reference energy (eV) written into the S2EF .txt files (the real one is not in the shared data).
+#: Reference energy (eV) written into the S2EF .txt files (the real one is not in the sample).
 REFERENCE = -15.25
 
 
-def load_frames(shared_data: Path) -> list[Atoms]:
+def load_frames(test_data: Path) -> list[Atoms]:
     """The 47 real frames, tagged with OC20's convention (fixed 0, free slab 1, adsorbate O 2)."""
-    frames = ase.io.read(shared_data / TRAJECTORY, ":")
+    frames = ase.io.read(test_data / TRAJECTORY, ":")
     for atoms in frames:
         atoms.set_tags(oc20_tags(atoms))
     return frames

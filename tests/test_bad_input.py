@@ -43,9 +43,9 @@ def _build(tmp_path: Path, *overrides: str):
     return build(_config(tmp_path, *overrides))
 
 
-def _ethanol(shared_data: Path) -> list[ase.Atoms]:
+def _ethanol(test_data: Path) -> list[ase.Atoms]:
     """The real rMD17 frames (kcal/mol, kcal/mol/Å) with their labels."""
-    return ase.io.read(shared_data / RMD17, ":")
+    return ase.io.read(test_data / RMD17, ":")
 
 
 def _write(tmp_path: Path, frames: list[ase.Atoms], name: str = "frames.extxyz") -> Path:
@@ -65,8 +65,8 @@ def _as_ase_data(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize(("frame", "field", "value"), [(7, "energy", np.nan), (3, "forces", np.inf)])
-def test_non_finite_label_names_file_frame_field(shared_data, tmp_path, frame, field, value):
-    frames = _ethanol(shared_data)[:20]
+def test_non_finite_label_names_file_frame_field(test_data, tmp_path, frame, field, value):
+    frames = _ethanol(test_data)[:20]
     if field == "energy":
         _relabel(frames[frame], energy=value)
     else:
@@ -79,8 +79,8 @@ def test_non_finite_label_names_file_frame_field(shared_data, tmp_path, frame, f
         _build(tmp_path, *_as_ase_data(path))
 
 
-def test_non_finite_positions_name_the_frame(shared_data, tmp_path):
-    frames = _ethanol(shared_data)[:20]
+def test_non_finite_positions_name_the_frame(test_data, tmp_path):
+    frames = _ethanol(test_data)[:20]
     frames[11].positions[4, 0] = np.nan
     with pytest.raises(PotentialsInputError, match=r"frames.extxyz frame 11: positions or cell hold NaN or inf"):
         _build(tmp_path, *_as_ase_data(_write(tmp_path, frames)))
@@ -91,8 +91,8 @@ def test_missing_graph_store_is_named(tmp_path):
         _build(tmp_path, "data=store", f"data.path={tmp_path / 'nowhere'}")
 
 
-def test_missing_forces_and_stress_are_left_out_of_the_loss_and_counted(shared_data, tmp_path, caplog):
-    frames = _ethanol(shared_data)[:20]
+def test_missing_forces_and_stress_are_left_out_of_the_loss_and_counted(test_data, tmp_path, caplog):
+    frames = _ethanol(test_data)[:20]
     for atoms in frames[:5]:
         atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy())  # energy only
     dm, module = _build(tmp_path, *_as_ase_data(_write(tmp_path, frames)), "data.split.val=0", "data.split.test=0")
@@ -116,24 +116,24 @@ def test_missing_forces_and_stress_are_left_out_of_the_loss_and_counted(shared_d
     ([[8.0, 0, 0], [0, 8.0, 0], [8.0, 8.0, 0]], "zero volume"),
     ([[8.0, 0, 0], [0, 8.0, 0], [8.0, 8.0, 1e-4]], "nearly singular"),
 ])
-def test_degenerate_cell_names_the_frame(shared_data, tmp_path, cell, message):
-    frames = ase.io.read(shared_data / OC20, ":6")
+def test_degenerate_cell_names_the_frame(test_data, tmp_path, cell, message):
+    frames = ase.io.read(test_data / OC20, ":6")
     frames[4].set_cell(cell)
     with pytest.raises(PotentialsInputError, match=rf"frames.extxyz frame 4: .*{message}"):
         _build(tmp_path, "data=ase", f"data.path={_write(tmp_path, frames)}")
 
 
-def test_overlapping_atoms_name_frame_and_atoms(shared_data, tmp_path):
-    frames = _ethanol(shared_data)[:10]
+def test_overlapping_atoms_name_frame_and_atoms(test_data, tmp_path):
+    frames = _ethanol(test_data)[:10]
     frames[5].positions[3] = frames[5].positions[0] + [0.05, 0.0, 0.0]
     where = "frames.extxyz frame 5, field 'positions'"
     with pytest.raises(PotentialsInputError, match=rf"{where}: atoms 0 and 3 are 0.05 Å"):
         _build(tmp_path, *_as_ase_data(_write(tmp_path, frames)))
 
 
-def test_isolated_atoms_train_and_predict(shared_data, tmp_path):
+def test_isolated_atoms_train_and_predict(test_data, tmp_path):
     """An atom with no neighbour (a lone atom, or one far from a molecule) is valid: energy E0 + its one-body term."""
-    frames = _ethanol(shared_data)[:12]
+    frames = _ethanol(test_data)[:12]
     far = frames[0].copy()
     far += ase.Atoms("H", positions=[[30.0, 0.0, 0.0]])
     _relabel(far, energy=frames[0].get_potential_energy() - 313.0,
@@ -158,9 +158,9 @@ def test_isolated_atoms_train_and_predict(shared_data, tmp_path):
     assert np.isfinite(atom.get_potential_energy()) and np.array_equal(atom.get_forces(), np.zeros((1, 3)))
 
 
-def test_unknown_element_at_inference_is_named(shared_data, tmp_path):
+def test_unknown_element_at_inference_is_named(test_data, tmp_path):
     calc = PotentialCalculator.from_file(random_model(tmp_path / "cu.pt", ["Cu"]))
-    ethanol = _ethanol(shared_data)[0]
+    ethanol = _ethanol(test_data)[0]
     ethanol.calc = calc
     with pytest.raises(PotentialsInputError, match=r"never saw: H, C, O \(trained on: Cu\)"):
         ethanol.get_potential_energy()
@@ -176,8 +176,8 @@ def test_empty_splits(tmp_path):
     assert Path(summary["model"]).is_file()
 
 
-def test_kcal_per_mol_energies_read_as_ev_warn(shared_data, tmp_path):
-    path = shared_data / RMD17
+def test_kcal_per_mol_energies_read_as_ev_warn(test_data, tmp_path):
+    path = test_data / RMD17
     with pytest.warns(UserWarning, match=r"100 of 100 energies .*kcal/mol"):
         _build(tmp_path, "data=ase", f"data.path={path}")
     with warnings.catch_warnings():
@@ -198,9 +198,9 @@ def _flip_bytes(path: Path, out: Path) -> Path:
     return out
 
 
-def _aselmdb(shared_data: Path, out: Path) -> Path:
+def _aselmdb(test_data: Path, out: Path) -> Path:
     full = out.with_name("full.aselmdb")
-    aselmdb.write(full, ase.io.read(shared_data / OC20, ":8"))
+    aselmdb.write(full, ase.io.read(test_data / OC20, ":8"))
     return _truncate(full, out)
 
 
@@ -220,16 +220,16 @@ CORRUPTED = {
 
 
 @pytest.mark.parametrize("case", list(CORRUPTED))
-def test_corrupted_files_name_the_file(shared_data, tmp_path, case):
+def test_corrupted_files_name_the_file(test_data, tmp_path, case):
     """Truncated or damaged files fail with the file named, never a crash (LMDB would otherwise die of SIGBUS)."""
     make, data, message = CORRUPTED[case]
-    path = make(shared_data, tmp_path)
+    path = make(test_data, tmp_path)
     with pytest.raises(PotentialsInputError, match=message):
         _build(tmp_path, *data, f"data.path={path}")
 
 
-def test_invalid_records_can_be_skipped_counted_and_reported(shared_data, tmp_path):
-    sample = json.loads((shared_data / MPTRJ).read_text())
+def test_invalid_records_can_be_skipped_counted_and_reported(test_data, tmp_path):
+    sample = json.loads((test_data / MPTRJ).read_text())
     mp_id = next(iter(sample))
     frame_id = next(iter(sample[mp_id]))
     sample[mp_id][frame_id]["force"] = sample[mp_id][frame_id]["force"][:-1]  # one atom short
@@ -278,9 +278,9 @@ def test_checkpoint_of_another_version_model_or_cutoff(tmp_path):
         _build(tmp_path, "data.source.n_structures=8", "model.cutoff=6.0")
 
 
-def test_train_py_reports_input_errors_in_one_paragraph(shared_data, tmp_path):
+def test_train_py_reports_input_errors_in_one_paragraph(test_data, tmp_path):
     """No Hydra traceback for a user error; HYDRA_FULL_ERROR=1 still shows it."""
-    path = _truncate(shared_data / RMD17, tmp_path / "rmd17.extxyz")
+    path = _truncate(test_data / RMD17, tmp_path / "rmd17.extxyz")
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", "data=ase",
            f"data.path={path}", "logger=csv"]
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}

@@ -16,6 +16,12 @@ sys.path.insert(0, str(Path(peers.WORKER_DIR)))
 import _common  # noqa: E402  (worker helpers live beside the workers, outside any package)
 
 
+@pytest.fixture(autouse=True)
+def _repo_test_data(monkeypatch):
+    """The harness reads real frames from a data folder; the tests point it at the samples in tests/data."""
+    monkeypatch.setenv("POTENTIALS_SHARED_DATA", str(Path(__file__).resolve().parent / "data"))
+
+
 def test_parse_worker_output_takes_last_json_line_among_noise():
     out = 'warning: {not json}\n{"a": 1}\nsome log line\n{"task": "infer", "results": []}\n'
     assert peers.parse_worker_output(out) == {"task": "infer", "results": []}

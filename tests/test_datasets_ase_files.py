@@ -49,8 +49,8 @@ def _compressed_copper() -> tuple:
     return atoms, atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
 
 
-def test_rmd17_extxyz_converted_from_kcal_mol(shared_data, no_warnings):
-    path = shared_data / RMD17_FILE
+def test_rmd17_extxyz_converted_from_kcal_mol(test_data, no_warnings):
+    path = test_data / RMD17_FILE
     energies, forces = _parse_extxyz_by_hand(path)
     images = ase_files.read(path, energy_unit="kcal/mol")
     assert len(images) == len(energies) == 100
@@ -63,8 +63,8 @@ def test_rmd17_extxyz_converted_from_kcal_mol(shared_data, no_warnings):
         assert "stress" not in atoms.calc.results
 
 
-def test_kcal_mol_read_as_ev_warns(shared_data):
-    path = shared_data / RMD17_FILE
+def test_kcal_mol_read_as_ev_warns(test_data):
+    path = test_data / RMD17_FILE
     with pytest.warns(UserWarning, match=r"rmd17_ethanol_reduced_100\.xyz.*100 of 100 energies.*kcal/mol"):
         images = ase_files.read(path)
     energies, _ = _parse_extxyz_by_hand(path)
@@ -110,8 +110,8 @@ def test_labels_from_info_and_array_keys(tmp_path, no_warnings):
         ase_files.read(path, energy_key="DFT_energy")
 
 
-def test_mptrj_database(shared_data, no_warnings):
-    path = shared_data / "mptrj/mptrj_10_thin_systems.db"
+def test_mptrj_database(test_data, no_warnings):
+    path = test_data / "mptrj/mptrj_10_thin_systems.db"
     images = ase_files.read(path)
     with ase.db.connect(path) as db:
         rows = list(db.select())
@@ -124,8 +124,8 @@ def test_mptrj_database(shared_data, no_warnings):
         np.testing.assert_allclose(atoms.get_stress(), row.stress)
 
 
-def test_oc20_trajectory_keeps_constraints(shared_data, no_warnings):
-    path = shared_data / "oc20/oc20_is2res_random1447590.traj"
+def test_oc20_trajectory_keeps_constraints(test_data, no_warnings):
+    path = test_data / "oc20/oc20_is2res_random1447590.traj"
     images = ase_files.read(path)
     raw = ase.io.read(path, ":")
     assert len(images) == 47
@@ -146,8 +146,8 @@ def test_oc20_trajectory_keeps_constraints(shared_data, no_warnings):
     assert np.linalg.norm(images[-1].get_forces(), axis=1).max() < 0.03  # OC20 stops at fmax 0.03, free atoms
 
 
-def test_index_selects_frames_and_keeps_file_positions(shared_data):
-    path = shared_data / "oc20/oc20_is2res_random1447590.traj"
+def test_index_selects_frames_and_keeps_file_positions(test_data):
+    path = test_data / "oc20/oc20_is2res_random1447590.traj"
     assert [a.info["frame"] for a in ase_files.read(path, index="10:20:3")] == [10, 13, 16, 19]
     assert [a.info["frame"] for a in ase_files.read(path, index=-1)] == [46]
     with pytest.raises(ValueError, match=r"frame 47 out of range.*47 frames"):

@@ -16,8 +16,8 @@ MD17_FILE = "md17/md17_ethanol_first2000.npz"
 
 
 @pytest.fixture(scope="module")
-def md17_path(shared_data: Path) -> Path:
-    return shared_data / MD17_FILE
+def md17_path(test_data: Path) -> Path:
+    return test_data / MD17_FILE
 
 
 @pytest.fixture(scope="module")

@@ -25,18 +25,18 @@ RELAXATION = "mp-1020019"  # Li4N2O4P2: 10 frames of one relaxation
 
 
 @pytest.fixture(scope="module")
-def sample(shared_data) -> dict:
-    return json.loads((shared_data / JSON).read_text())
+def sample(test_data) -> dict:
+    return json.loads((test_data / JSON).read_text())
 
 
 def _read(path, **options) -> list:
     return list(mptrj.read(path, progress=False, **options))
 
 
-def test_golden_frame_units_sign_and_ids(shared_data, sample):
+def test_golden_frame_units_sign_and_ids(test_data, sample):
     """Energy label, forces, kBar → eV/Å³ with ASE's sign, pressure, magmoms and ids of one real frame."""
     raw = sample[GOLDEN[0]][GOLDEN[1]]
-    atoms = next(a for a in _read(shared_data / JSON) if a.info["frame"] == GOLDEN[1])
+    atoms = next(a for a in _read(test_data / JSON) if a.info["frame"] == GOLDEN[1])
     assert atoms.get_chemical_formula() == "Ba6Ir4O18Sm2" and atoms.pbc.all()
     assert atoms.get_potential_energy() == pytest.approx(raw["corrected_total_energy"], abs=1e-10)
     np.testing.assert_allclose(atoms.get_forces(), raw["force"], atol=1e-12)
@@ -50,15 +50,15 @@ def test_golden_frame_units_sign_and_ids(shared_data, sample):
     assert atoms.info["mp_id"] == "mp-1205402" and atoms.info["task_id"] == "mp-1393488"
     assert (atoms.info["calc_id"], atoms.info["ionic_step"]) == (0, 0)
     assert atoms.info["bandgap"] == 0.0 and atoms.info["energy_per_atom"] == raw["energy_per_atom"]
-    uncorrected = _read(shared_data / JSON, energy_key="uncorrected_total_energy")[0]
+    uncorrected = _read(test_data / JSON, energy_key="uncorrected_total_energy")[0]
     assert uncorrected.get_potential_energy() == pytest.approx(-208.0919485, abs=1e-10)
 
 
-def test_json_and_ase_db_give_identical_atoms(shared_data):
+def test_json_and_ase_db_give_identical_atoms(test_data):
     """The same 11 frames from the JSON (kBar, VASP sign) and the database (eV/Å³, ASE sign) agree exactly."""
     for key in mptrj.ENERGY_KEYS:
-        from_json = {a.info["frame"]: a for a in _read(shared_data / JSON, energy_key=key)}
-        from_db = {a.info["frame"]: a for a in _read(shared_data / DB, energy_key=key)}
+        from_json = {a.info["frame"]: a for a in _read(test_data / JSON, energy_key=key)}
+        from_db = {a.info["frame"]: a for a in _read(test_data / DB, energy_key=key)}
         assert sorted(from_json) == sorted(from_db) and len(from_db) == 11
         for frame, a in from_json.items():
             b = from_db[frame]
@@ -75,9 +75,9 @@ def test_json_and_ase_db_give_identical_atoms(shared_data):
             assert info_a == info_b
 
 
-def test_stress_sign_matches_energy_changes_along_the_relaxation(shared_data):
+def test_stress_sign_matches_energy_changes_along_the_relaxation(test_data):
     """Between consecutive ionic steps, ΔE ≈ −F̄·Δr + V·σ̄:ε holds with ASE's sign and fails with the other."""
-    frames = [a for a in _read(shared_data / JSON) if a.info["mp_id"] == RELAXATION and a.info["calc_id"] == 1]
+    frames = [a for a in _read(test_data / JSON) if a.info["mp_id"] == RELAXATION and a.info["calc_id"] == 1]
     frames.sort(key=lambda a: a.info["ionic_step"])
     errors = {+1: [], -1: []}
     strain_work = []
@@ -101,7 +101,7 @@ def test_stress_sign_matches_energy_changes_along_the_relaxation(shared_data):
     assert sum(errors[-1]) > 10 * sum(errors[+1]), errors
 
 
-def test_streams_with_flat_memory(tmp_path, shared_data):
+def test_streams_with_flat_memory(tmp_path, test_data):
     """Peak Python memory while streaming a 4x larger file stays the same (frames are never accumulated)."""
     def peak(fn) -> int:
         tracemalloc.start()
@@ -113,7 +113,7 @@ def test_streams_with_flat_memory(tmp_path, shared_data):
     peaks, sizes = [], []
     for n_materials in (32, 128):
         path = tmp_path / f"synthetic_{n_materials}.json"
-        n_frames = write_synthetic_mptrj(path, shared_data / JSON, n_materials)
+        n_frames = write_synthetic_mptrj(path, test_data / JSON, n_materials)
         sizes.append(path.stat().st_size)
         counted = []
         peaks.append(peak(lambda: counted.append(sum(1 for _ in mptrj.read(path, progress=False)))))  # noqa: B023
@@ -124,8 +124,8 @@ def test_streams_with_flat_memory(tmp_path, shared_data):
     assert kept > 3 * peaks[1], (kept, peaks)  # the measurement does see memory that grows with the file
 
 
-def test_progress_bar_counts_bytes_and_gzip_reads_the_same(tmp_path, shared_data, monkeypatch):
-    path = shared_data / JSON
+def test_progress_bar_counts_bytes_and_gzip_reads_the_same(tmp_path, test_data, monkeypatch):
+    path = test_data / JSON
     plain = _read(path)
     gz = tmp_path / "sample.json.gz"
     gz.write_bytes(gzip.compress(path.read_bytes()))
@@ -143,9 +143,9 @@ def test_progress_bar_counts_bytes_and_gzip_reads_the_same(tmp_path, shared_data
     np.testing.assert_array_equal(packed[3].get_forces(), plain[3].get_forces())
 
 
-def test_splits_keep_each_material_in_one_split(tmp_path, shared_data):
+def test_splits_keep_each_material_in_one_split(tmp_path, test_data):
     path = tmp_path / "materials.json"
-    write_synthetic_mptrj(path, shared_data / JSON, 20)  # 20 materials: 10 of 1 frame, 10 of 10 frames
+    write_synthetic_mptrj(path, test_data / JSON, 20)  # 20 materials: 10 of 1 frame, 10 of 10 frames
     dm = AtomsDataModule(source=lambda: mptrj.read(path, progress=False), cutoff=3.0,
                          split={"val": 4, "test": 4, "seed": 1, "group_by": "mp_id"})
     dm.setup()
@@ -206,9 +206,9 @@ def test_malformed_frame_is_named_or_skipped_and_reported(tmp_path, sample, case
     assert lines[1].split("\t")[:3] == ["bad.json", BAD[1], field]
 
 
-def test_ase_db_row_with_nan_forces_is_named(tmp_path, shared_data):
+def test_ase_db_row_with_nan_forces_is_named(tmp_path, test_data):
     path = tmp_path / "bad.db"
-    with ase.db.connect(shared_data / DB) as src, ase.db.connect(path) as dst:
+    with ase.db.connect(test_data / DB) as src, ase.db.connect(path) as dst:
         for row in src.select():
             atoms = row.toatoms()
             if row.data["uid"] == BAD[1]:
@@ -219,8 +219,8 @@ def test_ase_db_row_with_nan_forces_is_named(tmp_path, shared_data):
     assert len(_read(path, skip_invalid=True, report=tmp_path / "r.tsv")) == 10
 
 
-def test_broken_json_and_options_fail_clearly(tmp_path, shared_data):
-    text = (shared_data / JSON).read_text()
+def test_broken_json_and_options_fail_clearly(tmp_path, test_data):
+    text = (test_data / JSON).read_text()
     cut = tmp_path / "cut.json"
     cut.write_text(text[: len(text) // 2])
     with pytest.raises(ValueError, match=r"file 'cut\.json': .*last frame read: mp-1020019/"):
@@ -230,11 +230,11 @@ def test_broken_json_and_options_fail_clearly(tmp_path, shared_data):
     with pytest.raises(ValueError, match="must be a JSON object"):
         _read(not_mptrj)
     with pytest.raises(ValueError, match="energy_key must be one of"):
-        mptrj.read(shared_data / JSON, energy_key="energy_per_atom")
+        mptrj.read(test_data / JSON, energy_key="energy_per_atom")
     with pytest.raises(FileNotFoundError):
         mptrj.read(tmp_path / "absent.json")
-    assert [a.info["frame"] for a in _read(shared_data / DB, limit=2)] == ["mp-1393488-0-0", "mp-1095441-0-1"]
-    assert len(_read(shared_data / JSON, limit=4)) == 4
+    assert [a.info["frame"] for a in _read(test_data / DB, limit=2)] == ["mp-1393488-0-0", "mp-1095441-0-1"]
+    assert len(_read(test_data / JSON, limit=4)) == 4
 
 
 @pytest.mark.parametrize("read_size", [1, 3, 7, 64])

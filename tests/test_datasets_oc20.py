@@ -21,8 +21,8 @@ from tests.oc20_samples import REFERENCE, SID
 
 
 @pytest.fixture(scope="module")
-def frames(shared_data):
-    return samples.load_frames(shared_data)
+def frames(test_data):
+    return samples.load_frames(test_data)
 
 
 def _read(path, **options):
@@ -78,8 +78,8 @@ def test_pair_files_that_disagree_fail(tmp_path, frames):
         _read(lone)
 
 
-def test_trajectory_frames_and_is2re_record(tmp_path, frames, shared_data):
-    traj = shared_data / samples.TRAJECTORY
+def test_trajectory_frames_and_is2re_record(tmp_path, frames, test_data):
+    traj = test_data / samples.TRAJECTORY
     with pytest.raises(ValueError, match="raw DFT energies and no reference energy was given"):
         oc20.read(traj)
     refs = tmp_path / "system.txt"

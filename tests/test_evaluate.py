@@ -101,11 +101,11 @@ def test_evaluate_command_on_extxyz(cu_model, frames, tmp_path, capsys):
     assert saved["forces_pred"].shape == (metrics["n_atoms"], 3)
 
 
-def test_md17_npz_and_kcal_per_mol_extxyz(shared_data, cu_model, tmp_path, capsys):
+def test_md17_npz_and_kcal_per_mol_extxyz(test_data, cu_model, tmp_path, capsys):
     """The .npz goes to the MD17 adapter (kcal/mol → eV); an extxyz in kcal/mol is converted with --energy-unit."""
     hco = random_model(tmp_path / "hco.pt", ["H", "C", "O"])
     out = tmp_path / "md17"
-    npz = shared_data / "md17" / "md17_ethanol_first2000.npz"
+    npz = test_data / "md17" / "md17_ethanol_first2000.npz"
     assert main(["evaluate", str(hco), str(npz), "--index", ":12", "--out", str(out), "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_structures"] == 12 and metrics["n_atoms"] == 108 and metrics["n_stress"] == 0
@@ -114,7 +114,7 @@ def test_md17_npz_and_kcal_per_mol_extxyz(shared_data, cu_model, tmp_path, capsy
     energy = np.load(out / "predictions.npz")["energy_ref"]
     np.testing.assert_allclose(energy, raw["E"][:12, 0] * units.kcal / units.mol)
 
-    xyz = shared_data / "rmd17" / "rmd17_ethanol_reduced_100.xyz"
+    xyz = test_data / "rmd17" / "rmd17_ethanol_reduced_100.xyz"
     assert main(["evaluate", str(hco), str(xyz), "--index", "::25", "--energy-unit", "kcal/mol",
                  "--out", str(tmp_path / "rmd17"), "--no-progress"]) == 0
     energy = np.load(tmp_path / "rmd17" / "predictions.npz")["energy_ref"]
@@ -126,10 +126,10 @@ def test_md17_npz_and_kcal_per_mol_extxyz(shared_data, cu_model, tmp_path, capsy
     assert "frame 0: contains elements the model never saw: H, C, O (trained on: Cu)" in capsys.readouterr().err
 
 
-def test_free_atoms_only_on_an_oc20_relaxation(shared_data, tmp_path):
+def test_free_atoms_only_on_an_oc20_relaxation(test_data, tmp_path):
     """OC20 slab: 10 of 17 atoms are fixed; --free-atoms-only scores the other 7 only."""
     model = random_model(tmp_path / "orb.pt", ["O", "Rb"])
-    traj = shared_data / "oc20" / "oc20_is2res_random1447590.traj"
+    traj = test_data / "oc20" / "oc20_is2res_random1447590.traj"
     counts = {}
     for flag in ([], ["--free-atoms-only"]):
         out = tmp_path / ("free" if flag else "all")
@@ -141,5 +141,5 @@ def test_free_atoms_only_on_an_oc20_relaxation(shared_data, tmp_path):
     assert counts == {False: 3 * 17, True: 3 * 7}
     hco = random_model(tmp_path / "hco.pt", ["H", "C", "O"])
     with pytest.raises(ValueError, match="no atom is fixed"):
-        evaluate_file(hco, shared_data / "rmd17" / "rmd17_ethanol_reduced_100.xyz", tmp_path / "y",
+        evaluate_file(hco, test_data / "rmd17" / "rmd17_ethanol_reduced_100.xyz", tmp_path / "y",
                       free_atoms_only=True, index=":2", energy_unit="kcal/mol")

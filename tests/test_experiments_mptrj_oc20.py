@@ -69,17 +69,17 @@ def _train(tmp_path: Path, experiment: str, family: str, *overrides: str) -> dic
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_tiny_run_on_mptrj_sample(tmp_path, shared_data, family):
+def test_tiny_run_on_mptrj_sample(tmp_path, test_data, family):
     """Energies, forces and stress of the 11 real frames; one material validates, the other trains."""
-    summary = _train(tmp_path, "mptrj", family, f"data.path={shared_data / 'mptrj/mptrj_sample_11_frames.json'}",
+    summary = _train(tmp_path, "mptrj", family, f"data.path={test_data / 'mptrj/mptrj_sample_11_frames.json'}",
                      "data.split.val=1", "data.split.test=0", "test=false", "trainer.max_epochs=1")
     stats = summary["data_stats"]
     assert stats["num_structures"] in (1, 10) and np.isfinite(list(stats["atomic_energies"].values())).all()
     assert Path(summary["best_checkpoint"]).is_file()
 
 
-def test_tiny_run_on_oc20_s2ef_pairs(tmp_path, shared_data):
-    frames = samples.load_frames(shared_data)
+def test_tiny_run_on_oc20_s2ef_pairs(tmp_path, test_data):
+    frames = samples.load_frames(test_data)
     samples.write_s2ef_pair(tmp_path / "s2ef", 0, frames[::4], fids=range(0, 47, 4))
     summary = _train(tmp_path, "oc20_s2ef", "egnn", f"data.path={tmp_path / 's2ef'}", "data.split.group_by=null",
                      "data.split.val=2", "data.split.test=3")
@@ -89,8 +89,8 @@ def test_tiny_run_on_oc20_s2ef_pairs(tmp_path, shared_data):
     assert 0.0 <= test["test/efwt"] <= test["test/ewt"] <= 1.0
 
 
-def test_tiny_run_on_oc20_is2re_lmdb(tmp_path, shared_data):
-    frames = samples.load_frames(shared_data)
+def test_tiny_run_on_oc20_is2re_lmdb(tmp_path, test_data):
+    frames = samples.load_frames(test_data)
     values = [pickle.dumps(samples.pyg_record(a, i, is2re_relaxed=frames[-1])) for i, a in enumerate(frames[:40:4])]
     path = samples.write_pyg_lmdb(tmp_path / "is2re.lmdb", values)
     with warnings.catch_warnings():

@@ -14,8 +14,8 @@ from tests import oc20_samples as samples
 
 
 @pytest.fixture(scope="module")
-def batch(shared_data):
-    frames = samples.load_frames(shared_data)
+def batch(test_data):
+    frames = samples.load_frames(test_data)
     return Batch.from_data_list([AtomicGraph.from_atoms(frames[k], 5.0, dtype=torch.float64) for k in (0, 20, 46)])
 
 

@@ -52,11 +52,11 @@ def _edge_set(g: AtomicGraph) -> set:
     return {(int(j), int(i), *map(int, o)) for (j, i), o in zip(g.edge_index.T, g.cell_offsets, strict=True)}
 
 
-def test_records_equal_graphs_built_in_memory(shared_data, tmp_path):
+def test_records_equal_graphs_built_in_memory(test_data, tmp_path):
     """MPtrj (stress), OC20 (fixed atoms) and MD17 (molecules) frames come back field for field, float64 exact."""
-    files = [shared_data / "mptrj" / "mptrj_10_thin_systems.db",
-             shared_data / "oc20" / "oc20_is2res_random1447590.traj"]
-    molecules = md17.read(shared_data / "md17" / "md17_ethanol_first2000.npz", indices=[0, 7])
+    files = [test_data / "mptrj" / "mptrj_10_thin_systems.db",
+             test_data / "oc20" / "oc20_is2res_random1447590.traj"]
+    molecules = md17.read(test_data / "md17" / "md17_ethanol_first2000.npz", indices=[0, 7])
     frames = [a for f in files for a in ase_files.read(f)] + molecules
     manifest = convert(lambda: iter(frames), tmp_path / "s", cutoff=5.0, dtype="float64", search_paths=files)
     assert manifest["complete"] and manifest["num_records"] == len(frames) == 11 + 47 + 2
@@ -77,8 +77,8 @@ def test_records_equal_graphs_built_in_memory(shared_data, tmp_path):
     _assert_same_graph(g, AtomicGraph.from_atoms(frames[11], 5.0, dtype=torch.float64), atol=1e-5)
 
 
-def test_smaller_cutoff_filters_stored_edges_and_edgeless_stores_build_them(shared_data, tmp_path):
-    frames = ase_files.read(shared_data / "mptrj" / "mptrj_10_thin_systems.db")
+def test_smaller_cutoff_filters_stored_edges_and_edgeless_stores_build_them(test_data, tmp_path):
+    frames = ase_files.read(test_data / "mptrj" / "mptrj_10_thin_systems.db")
     convert(lambda: frames, tmp_path / "e6", cutoff=6.0, dtype="float64")
     convert(lambda: frames, tmp_path / "bare", cutoff=6.0, dtype="float64", edges=False)
     assert json.loads((tmp_path / "bare" / "manifest.json").read_text())["edges"] is False
@@ -130,8 +130,8 @@ def test_preprocess_cli_and_datamodule_match_the_in_memory_path(tmp_path, monkey
     assert sum(len(k) for k in kinds.values()) == 3, kinds  # every kind (bulk, slab, vacancy) in one split only
 
 
-def test_conversion_killed_midway_resumes_with_every_record_exactly_once(shared_data, tmp_path):
-    md17_file = shared_data / "md17" / "md17_ethanol_first2000.npz"
+def test_conversion_killed_midway_resumes_with_every_record_exactly_once(test_data, tmp_path):
+    md17_file = test_data / "md17" / "md17_ethanol_first2000.npz"
     config = tmp_path / "slow.yaml"
     config.write_text(f"name: slow\npath: {md17_file}\nsource:\n  _target_: tests.test_store.slow_md17\n"
                       "  _partial_: true\n  path: ${..path}\n  n: 200\n  delay: 0.01\n")
@@ -252,9 +252,9 @@ def test_streaming_least_squares_matches_a_direct_fit():
     assert np.allclose(np.linalg.lstsq(r[:, :3], r[:, 3], rcond=None)[0], x)
 
 
-def test_fast_batches_equal_pyg_batches_and_survive_the_trip_from_a_worker(shared_data):
-    frames = ase_files.read(shared_data / "oc20" / "oc20_is2res_random1447590.traj")[:3] + md17.read(
-        shared_data / "md17" / "md17_ethanol_first2000.npz", indices=[1, 2])
+def test_fast_batches_equal_pyg_batches_and_survive_the_trip_from_a_worker(test_data):
+    frames = ase_files.read(test_data / "oc20" / "oc20_is2res_random1447590.traj")[:3] + md17.read(
+        test_data / "md17" / "md17_ethanol_first2000.npz", indices=[1, 2])
     graphs = [AtomicGraph.from_atoms(a, 5.0) for a in frames]
     want = Batch.from_data_list(graphs)
     for got in (batch_graphs(graphs), pickle.loads(pickle.dumps(PackedBatch(batch_graphs(graphs))))):
