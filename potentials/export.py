@@ -1,8 +1,33 @@
 """One deployable file per trained model: ``save(potential, path, model_config)`` and ``load(path)``.
 
-The file is a ``torch.save`` of plain data (loadable with ``weights_only=True``, no pickled classes):
-the model's Hydra config (``_target_`` names the class), the weights (EMA weights when training used EMA), cutoff,
-reference energies, scale/shift, the elements trained on, units and the package version.
+The file is a ``torch.save`` of plain data (loadable with ``weights_only=True``, no pickled classes), in named
+sections (format 3)::
+
+    {"format_version": 3, "package_version": "0.1.0", "units": {"energy": "eV", ...},
+     "model":     {"config": <Hydra config, _target_ names the class>, "state": <state_dict>},
+     "potential": {"cutoff": Å, "atomic_energies": {z: eV}, "scale": float, "shift": eV, "elements": [z, ...]},
+     "runtime":   {"kernels": "auto"},
+     "training":  {<provenance of the run: data set, test metrics>}}
+
+``model.config`` holds what the model resolved from its defaults (``EnergyModel.resolved_config``, e.g.
+EquiformerV2's grids) and the weights are the EMA weights when training used EMA.
+
+The one rule: **a missing section or key means the behaviour of the version that wrote the file.**  A reader
+therefore takes, for every section and key it reads, the default that reproduces files written without it: no
+``runtime`` section means ``kernels="auto"``; formats 1 and 2 (flat keys ``model_config``, ``model_state``,
+``cutoff``, …, ``extra``) are read into the same sections; and the model class upgrades the config of an older
+file itself (``EnergyModel.upgrade_config``, e.g. EquiformerV2's format-1 grids).  Keys that every version wrote
+(the model config and weights, cutoff, reference energies, scale, shift) are required.
+
+Sections the reader does not know are not an error: they are kept, as written, in ``potential.metadata`` under
+their name.  To add a section (e.g. ``"lineage"`` for fine-tuning, ``"physics"`` for ZBL/D3, ``"ensemble"``):
+
+1. write it in :func:`save` as plain data under a new top-level name (or pass it through ``sections=``);
+2. read it in :func:`load` with the default that stands for its absence (the rule above), e.g. no ``physics``
+   section means no added physics terms;
+3. raise :data:`FORMAT_VERSION` when a reader that ignores the section would compute something else (a section that
+   changes energies or forces); the older reader then refuses the file with an "upgrade potentials" message instead
+   of silently dropping the term.  A section that is only information (provenance, lineage) needs no new version.
 """
 
 from __future__ import annotations
@@ -14,11 +39,15 @@ from typing import Any
 import torch
 
 from potentials.errors import PotentialsInputError
-from potentials.potential import Potential
+from potentials.models.base import EnergyModel
+from potentials.potential import KERNELS, Potential
 
-#: 2: model_config holds what a model resolved from its defaults (``resolved_config()``, e.g. EquiformerV2's grids)
-FORMAT_VERSION = 2
+#: 1: flat keys.  2: model_config holds what a model resolved from its defaults (``resolved_config()``).
+#: 3: named sections (module docstring), ``runtime.kernels``.
+FORMAT_VERSION = 3
 UNITS = {"energy": "eV", "length": "Å", "forces": "eV/Å", "stress": "eV/Å³ (ASE sign)"}
+#: the top-level names this version writes and reads; any other is kept in ``Potential.metadata``
+SECTIONS = ("format_version", "package_version", "units", "model", "potential", "runtime", "training")
 
 
 def _package_version() -> str:
@@ -28,23 +57,38 @@ def _package_version() -> str:
 
 
 def save(potential: Potential, path: str | os.PathLike, model_config: dict[str, Any],
-         extra: dict[str, Any] | None = None) -> Path:
-    """Write ``potential`` to ``path`` (atomically: a temporary file renamed into place)."""
+         extra: dict[str, Any] | None = None, sections: dict[str, Any] | None = None) -> Path:
+    """Write ``potential`` to ``path`` (atomically: a temporary file renamed into place).
+
+    Args:
+        potential: the potential to export (its model, reference energies, scale/shift and ``kernels``).
+        path: the file to write.
+        model_config: the model's Hydra config (``_target_`` names the class); what the model resolved from its
+            defaults is written over it.
+        extra: provenance of the run (plain data), written as the ``training`` section.
+        sections: further top-level sections (plain data), by name; a name this version writes itself is refused.
+    """
+    clash = sorted(set(sections or {}) & set(SECTIONS))
+    if clash:
+        raise ValueError(f"sections {clash} are written by save() itself")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in potential.model.state_dict().items()}
     payload = {
         "format_version": FORMAT_VERSION,
         "package_version": _package_version(),
-        "model_config": {**model_config, **_resolved(potential.model)},
-        "model_state": state,
-        "cutoff": potential.cutoff,
-        "atomic_energies": {z: float(potential.atomic_energies[z]) for z in potential.elements},
-        "scale": float(potential.scale),
-        "shift": float(potential.shift),
-        "elements": potential.elements,
         "units": UNITS,
-        "extra": extra or {},
+        "model": {"config": {**model_config, **potential.model.resolved_config()}, "state": state},
+        "potential": {
+            "cutoff": potential.cutoff,
+            "atomic_energies": {z: float(potential.atomic_energies[z]) for z in potential.elements},
+            "scale": float(potential.scale),
+            "shift": float(potential.shift),
+            "elements": potential.elements,
+        },
+        "runtime": {"kernels": potential.kernels},
+        "training": extra or {},
+        **(sections or {}),
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -52,26 +96,45 @@ def save(potential: Potential, path: str | os.PathLike, model_config: dict[str, 
     return path
 
 
-def _resolved(model) -> dict[str, Any]:
-    resolved = getattr(model, "resolved_config", None)
-    return resolved() if callable(resolved) else {}
+def _sections(payload: dict[str, Any]) -> dict[str, Any]:
+    """The file's content in the sections of the current format (formats 1 and 2 wrote flat keys)."""
+    if payload["format_version"] >= 3:
+        return payload
+    flat = ("model_config", "model_state", "cutoff", "atomic_energies", "scale", "shift", "elements", "extra")
+    sections = {k: v for k, v in payload.items() if k not in flat}
+    sections["model"] = {"config": payload.get("model_config"), "state": payload.get("model_state")}
+    sections["potential"] = {k: payload[k] for k in flat[2:7] if k in payload}
+    sections["training"] = payload.get("extra", {})
+    return sections
 
 
-def _upgrade_config(payload: dict[str, Any]) -> dict[str, Any]:
-    """The model config of an older file, with the defaults of the version that wrote it made explicit."""
-    config = dict(payload["model_config"])
-    if payload["format_version"] < 2 and str(config.get("_target_", "")).endswith("EquiformerV2"):
-        lmax, mmax = int(config.get("lmax", 3)), int(config.get("mmax", 2))
-        if config.get("grid_resolution") is None and lmax >= 3:  # node grids were 4(lmax+1) x 8(lmax+1) for all lmax
-            config["grid_resolution"] = [4 * (lmax + 1), 8 * (lmax + 1)]
-        if config.get("edge_grid_resolution") is None:  # edge grids were (lmax+1) x (8·mmax+8) for all lmax
-            config["edge_grid_resolution"] = [lmax + 1, 8 * mmax + 8]
-    return config
+def _required(path: Path, sections: dict[str, Any], section: str, key: str) -> Any:
+    value = (sections.get(section) or {}).get(key)
+    if value is None:
+        raise PotentialsInputError(f"{path}: damaged model file, it has no {section}.{key}")
+    return value
+
+
+def _model_class(path: Path, config: dict[str, Any]) -> type[EnergyModel]:
+    from hydra.utils import get_class
+
+    target = config.get("_target_")
+    try:
+        cls = get_class(str(target))
+    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+        raise PotentialsInputError(f"{path}: the model class {target} cannot be imported ({err})") from err
+    if not issubclass(cls, EnergyModel):
+        raise PotentialsInputError(f"{path}: the model class {target} is not an energy model (EnergyModel)")
+    return cls
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
          cutoff: float | None = None) -> Potential:
     """Load a file written by :func:`save` as a :class:`Potential` in eval mode on ``device`` with ``dtype``.
+
+    ``potential.metadata`` holds ``format_version``, ``package_version``, ``units``, ``elements``, ``model_config``
+    (as upgraded and used), ``training`` (also as ``extra``, its name in formats 1 and 2), ``runtime`` and every
+    section this version does not know, by name.
 
     Args:
         path: the model file.
@@ -96,29 +159,50 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
                                    "(.ckpt) is not a model file, the run directory's model.pt is") from err
     if not isinstance(payload, dict) or not isinstance(payload.get("format_version"), int):
         raise PotentialsInputError(f"{path}: not a potentials model file (no format_version)")
-    if payload["format_version"] > FORMAT_VERSION:
+    version = payload["format_version"]
+    if version > FORMAT_VERSION:
         raise PotentialsInputError(
             f"{path}: written by potentials {payload.get('package_version')} in file format "
-            f"{payload['format_version']}; this version reads format {FORMAT_VERSION} at most — upgrade potentials"
+            f"{version}; this version reads format {FORMAT_VERSION} at most — upgrade potentials"
         )
-    if cutoff is not None and abs(float(cutoff) - float(payload["cutoff"])) > 1e-9:
+    sections = _sections(payload)
+    trained_cutoff = float(_required(path, sections, "potential", "cutoff"))
+    if cutoff is not None and abs(float(cutoff) - trained_cutoff) > 1e-9:
         raise PotentialsInputError(
-            f"{path}: the model was trained with a cutoff of {payload['cutoff']} Å and cannot be used with "
+            f"{path}: the model was trained with a cutoff of {trained_cutoff} Å and cannot be used with "
             f"{cutoff} Å (its radial functions end at the training cutoff); leave the cutoff out to use the model's"
         )
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    payload["model_config"] = _upgrade_config(payload)
-    model = instantiate(payload["model_config"])
+    config = dict(_required(path, sections, "model", "config"))
+    config = _model_class(path, config).upgrade_config(config, version)
+    model = instantiate(config)
     try:
-        model.load_state_dict(payload["model_state"])
+        model.load_state_dict(_required(path, sections, "model", "state"))
     except RuntimeError as err:
         raise PotentialsInputError(f"{path}: the weights do not fit the model its config describes: {err}") from err
+    atomic_energies = {int(k): float(v) for k, v in _required(path, sections, "potential", "atomic_energies").items()}
+    runtime = {"kernels": "auto", **(sections.get("runtime") or {})}
+    if runtime["kernels"] not in KERNELS:
+        raise PotentialsInputError(f"{path}: runtime.kernels is {runtime['kernels']!r}, this version knows "
+                                   f"{', '.join(map(repr, KERNELS))}; upgrade potentials")
     potential = Potential(
         model,
-        cutoff=payload["cutoff"],
-        atomic_energies={int(k): v for k, v in payload["atomic_energies"].items()},
-        scale=payload["scale"],
-        shift=payload["shift"],
+        cutoff=trained_cutoff,
+        atomic_energies=atomic_energies,
+        scale=_required(path, sections, "potential", "scale"),
+        shift=_required(path, sections, "potential", "shift"),
+        kernels=runtime["kernels"],
     )
-    potential.metadata = {k: payload[k] for k in ("package_version", "units", "elements", "extra", "model_config")}
+    training = sections.get("training") or {}
+    potential.metadata = {
+        "format_version": version,
+        "package_version": sections.get("package_version"),
+        "units": sections.get("units", UNITS),
+        "elements": sections["potential"].get("elements", sorted(atomic_energies)),
+        "model_config": config,
+        "training": training,
+        "extra": training,
+        "runtime": runtime,
+        **{k: v for k, v in sections.items() if k not in SECTIONS},
+    }
     return potential.to(device=device, dtype=dtype).eval()

@@ -21,10 +21,13 @@ from torch import nn
 
 from potentials import keys
 from potentials.errors import PotentialsInputError
+from potentials.models.base import EnergyModel
 from potentials.neighbors import edge_vectors
 from potentials.nn import grad_scope, threads
 
 NUM_Z = 119
+#: Implementations of the hot operations a potential may run on (see ``Potential``'s ``kernels`` argument).
+KERNELS = ("auto", "torch", "cpu")
 
 
 def _scatter_sum(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
@@ -33,16 +36,19 @@ def _scatter_sum(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Ten
 
 
 class Potential(nn.Module):
-    """Wraps an energy model (see the model contract in DESIGN.md) into energy, forces and stress.
+    """Wraps an energy model into energy, forces and stress.
 
     Args:
-        model: ``nn.Module`` whose ``forward(graph)`` returns per-atom energies [N] (or a dict with ``node_energy``
-            and, for a direct-force head, ``forces``).
+        model: an :class:`~potentials.models.base.EnergyModel` (the contract: ``forward(graph)`` returns per-atom
+            energies [N], or a dict with ``node_energy`` and, for a direct-force head, ``forces``).
         cutoff: the neighbour radius the model was built for, Å.
         atomic_energies: per-element reference energies E0[z], eV (mapping z → eV); elements listed here are the
             elements the potential knows.
         scale: multiplies the model's per-atom output (eV); usually the force RMS of the training set.
         shift: added to every atom's energy, eV.
+        kernels: implementation of the hot operations: ``"auto"`` (the fastest available on the device),
+            ``"torch"`` (plain PyTorch operations, the reference) or ``"cpu"`` (the package's compiled CPU
+            kernels); saved in model files.
     """
 
     def __init__(
@@ -52,9 +58,13 @@ class Potential(nn.Module):
         atomic_energies: Mapping[int, float] | None = None,
         scale: float = 1.0,
         shift: float = 0.0,
+        kernels: str = "auto",
     ) -> None:
         super().__init__()
+        if not isinstance(model, EnergyModel):
+            raise TypeError(f"Potential needs an EnergyModel (potentials.models.base), got {type(model).__name__}")
         self.model = model
+        self.kernels = kernels
         self.cutoff = float(cutoff)
         e0 = torch.zeros(NUM_Z)
         known = torch.zeros(NUM_Z, dtype=torch.bool)
@@ -65,6 +75,17 @@ class Potential(nn.Module):
         self.register_buffer("known_elements", known)
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.register_buffer("shift", torch.tensor(float(shift)))
+
+    @property
+    def kernels(self) -> str:
+        """Implementation of the hot operations: one of :data:`KERNELS`."""
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, value: str) -> None:
+        if value not in KERNELS:
+            raise PotentialsInputError(f"kernels must be one of {', '.join(map(repr, KERNELS))}, got {value!r}")
+        self._kernels = value
 
     @property
     def elements(self) -> list[int]:
@@ -127,7 +148,7 @@ class Potential(nn.Module):
             data.edge_vec = edge_vectors(pos, data.edge_index, data.cell_offsets, cell, batch)
             # differentiated below with respect to positions and strain only, the graph not kept: no parameter
             # gradients can be asked of it (custom autograd functions may then skip theirs)
-            derivatives_only = bool(inputs) and not create_graph and not getattr(self.model, "direct_forces", False)
+            derivatives_only = bool(inputs) and not create_graph and not self.model.direct_forces
             # small steps on one thread where OpenMP threads sleep between operations (potentials.nn.threads)
             with threads.small_steps_serial(derivatives_only):
                 with grad_scope.inputs_only(derivatives_only):

@@ -14,6 +14,7 @@ from torch_geometric.data import Batch
 
 from potentials.calculator import PotentialCalculator
 from potentials.graph import AtomicGraph
+from potentials.models.base import EnergyModel
 from potentials.potential import Potential
 from tests.model_zoo import MODELS
 
@@ -27,6 +28,14 @@ def potential(request) -> Potential:
     model = MODELS[request.param](CUTOFF)
     # random but non-trivial scale/shift exercise the wrapper
     return Potential(model, CUTOFF, atomic_energies=E0, scale=1.7, shift=0.3).double().eval()
+
+
+def test_states_the_contract(potential):
+    """Every family is an EnergyModel: the cutoff it was built for, a fixed direct_forces, its config record."""
+    model = potential.model
+    assert isinstance(model, EnergyModel)
+    assert model.cutoff == CUTOFF and model.direct_forces is False
+    assert isinstance(model.resolved_config(), dict)
 
 
 def _bulk(seed: int = 0) -> ase.Atoms:

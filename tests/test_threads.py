@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from potentials.graph import AtomicGraph
+from potentials.models.base import EnergyModel
 from potentials.models.equiformer import EquiformerV2
 from potentials.nn import threads
 from potentials.potential import Potential
@@ -133,7 +134,7 @@ def test_equiformer_gives_the_same_forces_and_stress_with_small_steps_serial(mon
 
 
 def test_thread_count_is_restored_when_the_model_fails(monkeypatch, two_threads):
-    class Failing(torch.nn.Module):
+    class Failing(EnergyModel):
         def forward(self, graph):
             threads.enter(graph.edge_vec.sum(-1, keepdim=True).expand(-1, 4))
             assert torch.get_num_threads() == 1
@@ -141,7 +142,7 @@ def test_thread_count_is_restored_when_the_model_fails(monkeypatch, two_threads)
 
     monkeypatch.setenv("POTENTIALS_SERIAL_BELOW", "100000")
     with pytest.raises(RuntimeError, match="model failure"):
-        Potential(Failing(), 4.0).double().eval()(_cell())
+        Potential(Failing(4.0), 4.0).double().eval()(_cell())
     assert torch.get_num_threads() == 2
 
 

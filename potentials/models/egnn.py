@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from potentials.models.base import EnergyModel
 from potentials.nn.mlp import mlp
 from potentials.nn.radial import BesselBasis, PolynomialEnvelope
 
@@ -46,7 +47,7 @@ class EGNNLayer(nn.Module):
         return h + self.node_mlp(torch.cat([h, agg], dim=-1))
 
 
-class EGNN(nn.Module):
+class EGNN(EnergyModel):
     """Invariant EGNN energy model: ``forward(graph)`` → per-atom energies [N] (model units).
 
     Args:
@@ -68,8 +69,7 @@ class EGNN(nn.Module):
         num_basis: int = 8,
         envelope_p: int = 6,
     ) -> None:
-        super().__init__()
-        self.cutoff = float(cutoff)
+        super().__init__(cutoff)
         self.embedding = nn.Embedding(119, channels)
         self.basis = BesselBasis(cutoff, num_basis)
         self.envelope = PolynomialEnvelope(cutoff, envelope_p)

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from potentials.errors import PotentialsInputError
+from potentials.models.base import EnergyModel
 from potentials.potential import Potential
 from potentials.training.checkpointing import (
     AtomicCheckpointIO,
@@ -70,8 +71,11 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, PotentialModule]:
     with open_dict(cfg):
         cfg.data_stats = {**stats.to_dict(), "atomic_energies": {str(k): v for k, v in stats.atomic_energies.items()}}
     model = instantiate(cfg.model)
-    model_cutoff = getattr(model, "cutoff", None)
-    if model_cutoff is not None and abs(float(model_cutoff) - float(cfg.cutoff)) > 1e-9:
+    if not isinstance(model, EnergyModel):
+        raise PotentialsInputError(f"model._target_={cfg.model.get('_target_')} is not an energy model (a subclass "
+                                   "of potentials.models.base.EnergyModel)")
+    model_cutoff = model.cutoff
+    if abs(model_cutoff - float(cfg.cutoff)) > 1e-9:
         raise PotentialsInputError(f"model.cutoff={model_cutoff} Å differs from cutoff={cfg.cutoff} Å, the radius the "
                                    "neighbour lists are built with; set the top-level cutoff only")
     potential = Potential(model, cfg.cutoff, atomic_energies=stats.atomic_energies, scale=stats.force_rms)

@@ -299,33 +299,3 @@ def test_inference_skips_the_grid_mlp_weight_gradient_training_keeps_it():
         assert weights[0].grad.abs().sum() > 0  # (the last block's l > 0 outputs reach no energy)
     finally:
         GridMLPCore.backward = original
-
-
-def test_model_files_keep_their_grids(tmp_path):
-    """A model file records the resolved grids; files of format 1 (node grid 4(lmax+1) at every lmax) keep theirs."""
-    from potentials.export import load, save
-
-    config = {"_target_": "potentials.models.equiformer.EquiformerV2", "cutoff": CUTOFF, "num_layers": 1, "lmax": 3,
-              "mmax": 2, "channels": 8, "attn_hidden_channels": 8, "num_heads": 2, "attn_alpha_channels": 4,
-              "attn_value_channels": 4, "ffn_hidden_channels": 8, "edge_channels": 8, "num_basis": 8}
-    torch.manual_seed(0)
-    potential = Potential(EquiformerV2(**{k: v for k, v in config.items() if k != "_target_"}), CUTOFF)
-    path = save(potential, tmp_path / "model.pt", config)
-    payload = torch.load(path, weights_only=True)
-    assert payload["model_config"]["grid_resolution"] == [24, 48]
-    assert payload["model_config"]["edge_grid_resolution"] == [4, 24]
-    assert load(path).model.node_grid.res_beta == 24
-    torch.save({**payload, "format_version": 1, "model_config": config}, tmp_path / "old.pt")
-    old = load(tmp_path / "old.pt")
-    assert (old.model.node_grid.res_beta, old.model.node_grid.res_alpha) == (16, 32)
-    assert (old.model.edge_grid.res_beta, old.model.edge_grid.res_alpha) == (4, 24)
-    # lmax 2: the edge grid's default is now 3 x 14; a format-1 file keeps the 3 x 24 it was trained with
-    small = {**config, "lmax": 2}
-    torch.manual_seed(0)
-    potential = Potential(EquiformerV2(**{k: v for k, v in small.items() if k != "_target_"}), CUTOFF)
-    payload = torch.load(save(potential, tmp_path / "small.pt", small), weights_only=True)
-    assert payload["model_config"]["edge_grid_resolution"] == [3, 14]
-    torch.save({**payload, "format_version": 1, "model_config": small}, tmp_path / "old_small.pt")
-    old = load(tmp_path / "old_small.pt")
-    assert (old.model.edge_grid.res_beta, old.model.edge_grid.res_alpha) == (3, 24)
-    assert (old.model.node_grid.res_beta, old.model.node_grid.res_alpha) == (12, 24)

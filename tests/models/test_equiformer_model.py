@@ -17,6 +17,7 @@ from torch_geometric.data import Batch, Data
 
 from potentials.calculator import PotentialCalculator
 from potentials.graph import AtomicGraph
+from potentials.models.base import EnergyModel
 from potentials.models.equiformer import EquiformerV2
 from potentials.potential import Potential
 
@@ -94,11 +95,11 @@ def test_direct_force_head_returns_rotating_forces_and_drives_ase():
     assert np.isfinite(atoms.positions).all() and np.abs(atoms.positions - start).max() > 1e-4
 
 
-class _GradientOnly(torch.nn.Module):
+class _GradientOnly(EnergyModel):
     """The same model's energy alone, so that Potential differentiates it."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
+    def __init__(self, model: EquiformerV2) -> None:
+        super().__init__(model.cutoff)
         self.model = model
 
     def forward(self, graph):

@@ -22,10 +22,12 @@ continuously to the no-edge values as r → cutoff.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from potentials.models.base import EnergyModel
 from potentials.models.equiformer.attention import EdgeData, EdgeDegreeEmbedding, SO2GraphAttention
 from potentials.models.equiformer.grid import S2Grid
 from potentials.models.equiformer.layers import (
@@ -94,7 +96,7 @@ class TransformerBlock(nn.Module):
         return x + self.drop_path(self.ffn(self.norm_2(x)), batch, num_graphs)
 
 
-class EquiformerV2(nn.Module):
+class EquiformerV2(EnergyModel):
     """EquiformerV2 energy model: ``forward(graph)`` → per-atom energies [N] (model units).
 
     Args:
@@ -155,10 +157,8 @@ class EquiformerV2(nn.Module):
         use_grid_mlp: bool = True,
         direct_forces: bool = False,
     ) -> None:
-        super().__init__()
-        if cutoff <= 0:
-            raise ValueError(f"cutoff must be positive (Å), got {cutoff}")
-        self.cutoff, self.lmax, self.mmax = float(cutoff), int(lmax), int(mmax)
+        super().__init__(cutoff)
+        self.lmax, self.mmax = int(lmax), int(mmax)
         self.channels, self.direct_forces = int(channels), bool(direct_forces)
         self.rotation = EdgeRotation(lmax, mmax)
         layout = self.rotation.layout
@@ -206,6 +206,18 @@ class EquiformerV2(nn.Module):
             return None if grid is None else [grid.res_beta, grid.res_alpha]
 
         return {"grid_resolution": res(self.node_grid), "edge_grid_resolution": res(self.edge_grid)}
+
+    @classmethod
+    def upgrade_config(cls, config: dict[str, Any], format_version: int) -> dict[str, Any]:
+        """Format 1 recorded no grids: give such a file the grids its version used by default."""
+        config = dict(config)
+        if format_version < 2:
+            lmax, mmax = int(config.get("lmax", 3)), int(config.get("mmax", 2))
+            if config.get("grid_resolution") is None and lmax >= 3:  # node grids were 4(lmax+1) x 8(lmax+1)
+                config["grid_resolution"] = [4 * (lmax + 1), 8 * (lmax + 1)]
+            if config.get("edge_grid_resolution") is None:  # edge grids were (lmax+1) x (8·mmax+8) for all lmax
+                config["edge_grid_resolution"] = [lmax + 1, 8 * mmax + 8]
+        return config
 
     def edge_data(self, edge_index: torch.Tensor, edge_vec: torch.Tensor, num_nodes: int) -> EdgeData:
         """Per-edge quantities shared by all layers (zero-length edges are guarded: r = 0, frame = identity)."""

@@ -36,6 +36,7 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from potentials.models.base import EnergyModel
 from potentials.models.facet.conv import Interaction
 from potentials.models.facet.radial import BesselMLPRadial, SplineRadial
 from potentials.nn.mlp import mlp
@@ -43,7 +44,7 @@ from potentials.nn.mlp import mlp
 NUM_ELEMENTS = 119
 
 
-class Facet(nn.Module):
+class Facet(EnergyModel):
     """Facet energy model: ``forward(graph)`` → per-atom energies [N] (model units).
 
     Args:
@@ -82,7 +83,7 @@ class Facet(nn.Module):
         grid_depth: int = 1,
         readout_hidden: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(cutoff)
         if num_layers < 1:
             raise ValueError(f"Facet needs num_layers >= 1, got {num_layers}")
         if not 0 <= lmax <= 3:
@@ -91,7 +92,6 @@ class Facet(nn.Module):
             raise ValueError(f"radial must be 'spline' or 'mlp', got {radial!r}")
         if avg_num_neighbors <= 0:
             raise ValueError(f"avg_num_neighbors must be positive, got {avg_num_neighbors}")
-        self.cutoff = float(cutoff)
         self.lmax = int(lmax)
         self.embedding = nn.Embedding(NUM_ELEMENTS, channels)
         self.layers = nn.ModuleList()
