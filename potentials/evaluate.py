@@ -160,39 +160,30 @@ def compute_metrics(pred: Predictions, free_atoms_only: bool = False) -> dict[st
         ``stress_mae``/``stress_rmse`` (GPa, over the 9 components), ``per_element``
         (symbol → ``n_atoms``, ``force_mae``, ``force_rmse``), ``free_atoms_only`` and ``units``.
     """
-    t = torch.from_numpy
+    t, of = torch.from_numpy, definitions.metrics_of
     m: dict[str, Any] = {"n_structures": int(len(pred.num_atoms)), "n_atoms": int(pred.num_atoms.sum())}
     e = pred.has_energy
     m["n_energy"] = int(e.sum())
     if e.any():
-        m.update(_values(definitions.energy_terms(t(pred.energy_pred), t(pred.energy_ref), t(pred.num_atoms), t(e)),
-                         ("energy_mae", "energy_rmse")))
+        energy = definitions.energy_terms(t(pred.energy_pred), t(pred.energy_ref), t(pred.num_atoms), t(e))
+        m.update(of(energy, ("energy_mae", "energy_rmse")))
     f = pred.force_mask(free_atoms_only)
     m["n_force_atoms"] = int(f.sum())
     if f.any():
         forces_pred, forces_ref = t(pred.forces_pred[f]), t(pred.forces_ref[f])
-        m.update(_values(definitions.force_terms(forces_pred, forces_ref), ("force_mae", "force_rmse", "force_cos")))
+        m.update(of(definitions.force_terms(forces_pred, forces_ref), ("force_mae", "force_rmse", "force_cos")))
         m["per_element"] = {}
         for z in np.unique(pred.z[f]):
-            of_z = t(pred.z[f] == z)
-            m["per_element"][chemical_symbols[z]] = {
-                "n_atoms": int(of_z.sum()),
-                **_values(definitions.force_terms(forces_pred[of_z], forces_ref[of_z]), ("force_mae", "force_rmse")),
-            }
+            sel = t(pred.z[f] == z)
+            forces = of(definitions.force_terms(forces_pred[sel], forces_ref[sel]), ("force_mae", "force_rmse"))
+            m["per_element"][chemical_symbols[z]] = {"n_atoms": int(sel.sum()), **forces}
     stress = definitions.stress_terms(t(pred.stress_pred), t(pred.stress_ref), t(pred.has_stress))
     m["n_stress"] = stress["stress_ae"].numel() // 9
     if m["n_stress"]:
-        m.update(_values(stress, ("stress_mae", "stress_rmse")))
+        m.update(of(stress, ("stress_mae", "stress_rmse")))
     m["free_atoms_only"] = bool(free_atoms_only)
     m["units"] = UNITS
     return m
-
-
-def _values(terms: dict[str, torch.Tensor], names: tuple[str, ...]) -> dict[str, float]:
-    """The metrics ``names`` of one set of per-item terms (:func:`potentials.metrics.metric_values`)."""
-    sums = {term: float(items.sum()) for term, items in terms.items()}
-    counts = {term: items.numel() for term, items in terms.items()}
-    return definitions.metric_values(sums, counts, names)
 
 
 def write_report(pred: Predictions, out_dir: str | os.PathLike, *, free_atoms_only: bool = False,

@@ -112,3 +112,10 @@ def metric_values(sums: dict[str, float], counts: dict[str, float], names: tuple
             mean = sums[term] / counts[term]
             values[name] = (mean**0.5 if root else mean) * factor
     return values
+
+
+def metrics_of(terms: dict[str, torch.Tensor], names: tuple[str, ...] | None = None) -> dict[str, float]:
+    """:func:`metric_values` of one set of per-item terms (as the ``*_terms`` functions return them)."""
+    sums = {term: float(items.sum()) for term, items in terms.items()}
+    counts = {term: items.numel() for term, items in terms.items()}
+    return metric_values(sums, counts, names)
