@@ -1,9 +1,9 @@
 """Evaluate a trained potential on labelled structures: batched predictions, error metrics and figures.
 
 Used by ``potentials evaluate`` and, at the end of training, for the test split (:func:`report_split`).
-Metric names and units follow the training metrics (:mod:`potentials.training.metrics`): energy errors per
-atom in meV/atom, force errors per Cartesian component in meV/Å, the force cosine per atom, stress errors per
-tensor component in GPa; per-element force errors group atoms by element.
+Metrics are those of :mod:`potentials.metrics`, which training logs too: energy errors per atom in meV/atom, force
+errors per Cartesian component in meV/Å, the force cosine per atom, stress errors per tensor component in GPa;
+per-element force errors group atoms by element.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ import numpy as np
 import torch
 from ase import Atoms
 from ase.data import chemical_symbols
-from ase.units import GPa
 
 from potentials import keys
+from potentials import metrics as definitions
 from potentials.graph import AtomicGraph
 from potentials.potential import Potential
 
-UNITS = {"energy_mae": "meV/atom", "energy_rmse": "meV/atom", "force_mae": "meV/Å", "force_rmse": "meV/Å",
-         "force_cos": "", "stress_mae": "GPa", "stress_rmse": "GPa"}
+#: The metrics written to ``metrics.json`` and their units.
+UNITS = {name: definitions.UNITS[name] for name in ("energy_mae", "energy_rmse", "force_mae", "force_rmse", "force_cos",
+                                                    "stress_mae", "stress_rmse")}
 _FLOAT_FIELDS = (keys.POS, keys.CELL, keys.CELL_OFFSETS, keys.ENERGY, keys.FORCES, keys.STRESS)
 
 
@@ -149,7 +150,8 @@ def predict(potential: Potential, graphs: Iterable[AtomicGraph], *, batch_size: 
 
 
 def compute_metrics(pred: Predictions, free_atoms_only: bool = False) -> dict[str, Any]:
-    """Error metrics in reporting units (see :data:`UNITS`); a metric without labels is left out.
+    """Error metrics in reporting units (see :data:`UNITS`, defined in :mod:`potentials.metrics`); a metric without
+    labels is left out.
 
     Returns:
         ``n_structures``, ``n_atoms``, the counts each metric is taken over (``n_energy`` structures,
@@ -158,46 +160,30 @@ def compute_metrics(pred: Predictions, free_atoms_only: bool = False) -> dict[st
         ``stress_mae``/``stress_rmse`` (GPa, over the 9 components), ``per_element``
         (symbol → ``n_atoms``, ``force_mae``, ``force_rmse``), ``free_atoms_only`` and ``units``.
     """
+    t, of = torch.from_numpy, definitions.metrics_of
     m: dict[str, Any] = {"n_structures": int(len(pred.num_atoms)), "n_atoms": int(pred.num_atoms.sum())}
     e = pred.has_energy
     m["n_energy"] = int(e.sum())
     if e.any():
-        err = (pred.energy_pred[e] - pred.energy_ref[e]) / pred.num_atoms[e]
-        m["energy_mae"], m["energy_rmse"] = _mae(err) * 1e3, _rmse(err) * 1e3
+        energy = definitions.energy_terms(t(pred.energy_pred), t(pred.energy_ref), t(pred.num_atoms), t(e))
+        m.update(of(energy, ("energy_mae", "energy_rmse")))
     f = pred.force_mask(free_atoms_only)
     m["n_force_atoms"] = int(f.sum())
     if f.any():
-        diff = pred.forces_pred[f] - pred.forces_ref[f]
-        m["force_mae"], m["force_rmse"] = _mae(diff) * 1e3, _rmse(diff) * 1e3
-        m["force_cos"] = float(_cosine(pred.forces_pred[f], pred.forces_ref[f]).mean())
+        forces_pred, forces_ref = t(pred.forces_pred[f]), t(pred.forces_ref[f])
+        m.update(of(definitions.force_terms(forces_pred, forces_ref), ("force_mae", "force_rmse", "force_cos")))
         m["per_element"] = {}
         for z in np.unique(pred.z[f]):
-            d = diff[pred.z[f] == z]
-            m["per_element"][chemical_symbols[z]] = {"n_atoms": int(len(d)), "force_mae": _mae(d) * 1e3,
-                                                     "force_rmse": _rmse(d) * 1e3}
-    s = pred.has_stress & np.isfinite(pred.stress_pred).reshape(len(pred.stress_pred), -1).all(1)
-    m["n_stress"] = int(s.sum())
-    if s.any():
-        diff = (pred.stress_pred[s] - pred.stress_ref[s]) / GPa
-        m["stress_mae"], m["stress_rmse"] = _mae(diff), _rmse(diff)
+            sel = t(pred.z[f] == z)
+            forces = of(definitions.force_terms(forces_pred[sel], forces_ref[sel]), ("force_mae", "force_rmse"))
+            m["per_element"][chemical_symbols[z]] = {"n_atoms": int(sel.sum()), **forces}
+    stress = definitions.stress_terms(t(pred.stress_pred), t(pred.stress_ref), t(pred.has_stress))
+    m["n_stress"] = stress["stress_ae"].numel() // 9
+    if m["n_stress"]:
+        m.update(of(stress, ("stress_mae", "stress_rmse")))
     m["free_atoms_only"] = bool(free_atoms_only)
     m["units"] = UNITS
     return m
-
-
-def _mae(x: np.ndarray) -> float:
-    return float(np.abs(x).mean())
-
-
-def _rmse(x: np.ndarray) -> float:
-    return float(np.sqrt((x**2).mean()))
-
-
-def _cosine(a: np.ndarray, b: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Cosine of the angle between rows of ``a`` and ``b`` [N, 3] → [N] (as torch's cosine_similarity)."""
-    na = np.maximum(np.linalg.norm(a, axis=1), eps)
-    nb = np.maximum(np.linalg.norm(b, axis=1), eps)
-    return (a * b).sum(1) / (na * nb)
 
 
 def write_report(pred: Predictions, out_dir: str | os.PathLike, *, free_atoms_only: bool = False,

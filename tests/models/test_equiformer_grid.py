@@ -26,7 +26,6 @@ from potentials.models.equiformer.grid import (
 )
 from potentials.models.equiformer.so3 import EdgeLayout, num_coefficients, wigner_blocks, wigner_cg_tables
 from potentials.nn import native
-from potentials.nn.sphere_grid import sphere_grid
 from potentials.potential import Potential
 
 CUTOFF = 4.0
@@ -35,17 +34,6 @@ CUTOFF = 4.0
 def _wigner(rot: torch.Tensor, lmax: int) -> torch.Tensor:
     blocks = wigner_blocks(rot, lmax, wigner_cg_tables(lmax))
     return torch.stack([torch.block_diag(*[b[i] for b in blocks]) for i in range(rot.shape[0])])
-
-
-@pytest.mark.parametrize("axis", ["x", "y", "z"])
-def test_quadrature_is_exact_for_products_of_harmonics(axis):
-    lmax = 4
-    points, weights = sphere_grid(lmax + 1, 2 * lmax + 1, polar_axis=axis)
-    torch.testing.assert_close(points.norm(dim=-1), torch.ones(len(points), dtype=torch.float64))
-    sh = o3.spherical_harmonics(list(range(lmax + 1)), points, normalize=True, normalization="component")
-    gram = sh.T @ (sh * weights[:, None])  # (1/4π)∫ Y Y dΩ = identity in component normalisation
-    torch.testing.assert_close(gram, torch.eye(num_coefficients(lmax), dtype=torch.float64), atol=1e-13, rtol=0)
-    torch.testing.assert_close(weights.sum(), torch.tensor(1.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("lmax,mmax", [(3, 3), (4, 2)])

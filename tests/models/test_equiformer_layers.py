@@ -15,9 +15,10 @@ from potentials.models.equiformer.attention import (
     gather_pairs,
 )
 from potentials.models.equiformer.grid import S2Grid
-from potentials.models.equiformer.layers import EquivariantLayerNorm, FeedForwardGate, GateActivation, SO3Linear
+from potentials.models.equiformer.layers import EquivariantLayerNorm, FeedForwardGate
 from potentials.models.equiformer.so2 import SO2Convolution
-from potentials.models.equiformer.so3 import EdgeLayout, EdgeRotation, num_coefficients, wigner_blocks, wigner_cg_tables
+from potentials.models.equiformer.so3 import EdgeLayout, EdgeRotation, wigner_blocks, wigner_cg_tables
+from potentials.nn.irreps import DegreeLinear, GateActivation, num_coefficients
 
 LMAX, MMAX, C = 3, 2, 8
 AXES = torch.tensor([[0.0, 1.3, 0], [0, -0.9, 0], [0, 0, 1.1], [0, 0, -1.4], [1.2, 0, 0], [-1.0, 0, 0]])
@@ -102,33 +103,13 @@ def test_layer_norm_linear_and_gate_are_equivariant():
     torch.testing.assert_close(norm(d @ x), d @ out, atol=1e-12, rtol=0)
     # l = 0 is a plain LayerNorm; the balanced RMS of l > 0 is 1 before the affine weight
     torch.testing.assert_close(out[:, 0].mean(-1), torch.zeros(7, dtype=torch.float64), atol=1e-12, rtol=0)
-    linear = SO3Linear(LMAX, C, 5).double()
+    linear = DegreeLinear(LMAX, C, 5).double()
     torch.testing.assert_close(linear(d @ x), d @ linear(x), atol=1e-12, rtol=0)
     ffn = FeedForwardGate(LMAX, C, 6, C).double()
     torch.testing.assert_close(ffn(d @ x), d @ ffn(x), atol=1e-12, rtol=0)
     gate = GateActivation(LMAX, torch.tensor([0, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3]))
     gates = torch.randn(7, LMAX * C, dtype=torch.float64)
     torch.testing.assert_close(gate(gates, d @ x), d @ gate(gates, x), atol=1e-12, rtol=0)
-
-
-def test_so3_linear_is_one_map_per_degree_with_bias_on_l0():
-    """The batched product against the definition: y_l = W_l x_l per degree, bias on l = 0 only (with gradients)."""
-    linear = SO3Linear(LMAX, C, 5).double()
-    with torch.no_grad():
-        linear.bias.uniform_(-1, 1)
-    x = torch.randn(7, num_coefficients(LMAX), C, dtype=torch.float64, requires_grad=True)
-    blocks = [x[:, l * l:(l + 1) ** 2] @ linear.weight[l].T for l in range(LMAX + 1)]
-    blocks[0] = blocks[0] + linear.bias
-    want = torch.cat(blocks, dim=1)
-    got = linear(x)
-    torch.testing.assert_close(got, want, atol=1e-13, rtol=0)
-    grad = torch.randn_like(want)
-    for a, b in zip(torch.autograd.grad(got, [x, linear.weight, linear.bias], grad),
-                    torch.autograd.grad(want, [x, linear.weight, linear.bias], grad), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
-    # a following map reads the coefficient-major result as it is
-    second = SO3Linear(LMAX, 5, 3).double()
-    torch.testing.assert_close(second(got), second(got.contiguous()), atol=1e-13, rtol=0)
 
 
 def test_gather_pairs_matches_concatenated_gathers_with_derivatives():

@@ -1,4 +1,5 @@
-"""Sphere-grid self-interaction: exact quadrature, exact parity, and the measured rotation error bound."""
+"""Sphere-grid self-interaction: exact round trip, exact parity, and the measured rotation error bound (the grid
+itself: tests/models/test_sphere_grid.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from e3nn import o3
 
-from potentials.models.facet.grid import SphereGridActivation, default_resolution, grid_matrices, sphere_grid
+from potentials.models.facet.grid import SphereGridActivation, default_resolution
 from tests.models.reference import e3nn_wigner
 
 H = 16
@@ -26,17 +27,6 @@ def _rotation_error(layer: SphereGridActivation, rotations: int = 10, seed: int 
         ref = d @ layer(x)
         worst = max(worst, ((layer(d @ x) - ref).norm() / ref.norm()).item())
     return worst
-
-
-@pytest.mark.parametrize("resolution", [2, 5, 8])
-def test_quadrature_is_exact_for_band_limited_products(resolution):
-    points, weights = sphere_grid(resolution)
-    assert points.shape == (2 * resolution**2, 3)
-    torch.testing.assert_close(points.norm(dim=1), torch.ones(len(points)), rtol=0, atol=1e-14)
-    torch.testing.assert_close(weights.sum(), torch.tensor(1.0), rtol=0, atol=1e-14)
-    lmax = resolution - 1  # Y_l Y_l' has degree ≤ 2·lmax = 2·resolution − 2 ≤ 2·resolution − 1: exact
-    to_grid, from_grid = grid_matrices(lmax, resolution)
-    torch.testing.assert_close(from_grid @ to_grid, torch.eye((lmax + 1) ** 2), rtol=0, atol=1e-12)
 
 
 def test_round_trip_is_exact_without_the_nonlinearity():

@@ -1,15 +1,14 @@
-"""Facet building blocks against e3nn: the hand-written tensor product, the gate, per-degree linears."""
+"""Facet building blocks against e3nn: the hand-written tensor product (the gate and the degree-wise linears are
+the shared ones of potentials.nn.irreps, tested in test_irreps.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from e3nn import o3
-from e3nn.math import normalize2mom
-from e3nn.nn import Gate as E3nnGate
 
-from potentials.models.facet.irreps import Gate, IrrepsLinear, l_slice
 from potentials.models.facet.tensor_product import EdgeTensorProduct
+from potentials.nn.irreps import degree_slice
 from tests.models.reference import e3nn_wigner
 
 E, C = 40, 5
@@ -21,17 +20,17 @@ pytestmark = pytest.mark.usefixtures("float64_default")
 
 def _sh(vec: torch.Tensor, lmax: int) -> list[torch.Tensor]:
     y = o3.spherical_harmonics(list(range(lmax + 1)), vec, normalize=True, normalization="component")
-    return [y[:, l_slice(l)].contiguous() for l in range(lmax + 1)]
+    return [y[:, degree_slice(l)].contiguous() for l in range(lmax + 1)]
 
 
 def _split(x: torch.Tensor, lmax: int) -> list[torch.Tensor]:
     """[E, D, C] → per-degree gathered inputs as the tensor product takes them."""
-    return [x[:, 0]] + [x[:, l_slice(l)].contiguous() for l in range(1, lmax + 1)]
+    return [x[:, 0]] + [x[:, degree_slice(l)].contiguous() for l in range(1, lmax + 1)]
 
 
 def _to_e3nn(x: torch.Tensor, lmax: int) -> torch.Tensor:
     """[E, D, C] (m-major) → e3nn's mul-major flat layout of "C x l" blocks."""
-    return torch.cat([x[:, l_slice(l)].transpose(1, 2).reshape(x.shape[0], -1) for l in range(lmax + 1)], 1)
+    return torch.cat([x[:, degree_slice(l)].transpose(1, 2).reshape(x.shape[0], -1) for l in range(lmax + 1)], 1)
 
 
 def _irreps(mul: int, lmax: int) -> o3.Irreps:
@@ -74,30 +73,3 @@ def test_tensor_product_is_o3_equivariant():
         for (_, _, l3), a, b in zip(tp.paths, out, ref, strict=True):
             d = o3.Irrep(l3, (-1) ** l3).D_from_matrix(rot)
             torch.testing.assert_close(a, d @ b, rtol=0, atol=1e-12)
-
-
-def test_gate_matches_e3nn_gate():
-    torch.manual_seed(2)
-    lmax, n = 2, 11
-    x = torch.randn(n, 9, C, dtype=torch.float64)
-    gates = torch.randn(n, lmax * C, dtype=torch.float64)
-    ours = Gate(lmax)(x, gates)
-    ref_gate = E3nnGate(f"{C}x0e", [torch.nn.functional.silu], f"{lmax * C}x0e", [torch.sigmoid],
-                        _irreps(C, lmax)[1:])
-    flat = torch.cat([x[:, 0], gates, _to_e3nn(x, lmax)[:, C:]], dim=1)
-    # e3nn rescales each activation to unit second moment; undo its two constants
-    c_silu = normalize2mom(torch.nn.functional.silu).cst
-    c_sigmoid = normalize2mom(torch.sigmoid).cst
-    ref = ref_gate(flat)
-    ref = torch.cat([ref[:, :C] / c_silu, ref[:, C:] / c_sigmoid], dim=1)
-    torch.testing.assert_close(_to_e3nn(ours, lmax), ref, rtol=1e-12, atol=1e-12)
-
-
-def test_irreps_linear_is_equivariant_and_rejects_wrong_shape():
-    torch.manual_seed(3)
-    lin = IrrepsLinear(2, C, 7).double()
-    x = torch.randn(6, 9, C, dtype=torch.float64)
-    rot = o3.rand_matrix(dtype=torch.float64)
-    torch.testing.assert_close(lin(e3nn_wigner(2, rot) @ x), e3nn_wigner(2, rot) @ lin(x), rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="expects 9 components"):
-        lin(torch.randn(6, 4, C, dtype=torch.float64))

@@ -77,7 +77,7 @@ def test_switches_select_the_components():
     spline_grid, mlp_gate = _model("spline", "grid"), _model("mlp", "gate")
     assert isinstance(spline_grid.radial, SplineRadial) and isinstance(mlp_gate.radial, BesselMLPRadial)
     assert type(spline_grid.layers[0].act).__name__ == "SphereGridActivation"
-    assert type(mlp_gate.layers[0].act).__name__ == "Gate"
+    assert type(mlp_gate.layers[0].act).__name__ == "GateActivation"
     # the last interaction only produces scalars: no grid there
     assert isinstance(spline_grid.layers[-1].act, torch.nn.SiLU)
     n_spline = sum(p.numel() for p in spline_grid.radial.parameters())

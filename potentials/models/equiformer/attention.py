@@ -21,10 +21,11 @@ from torch import nn
 from torch_geometric.utils import scatter
 
 from potentials.models.equiformer.grid import S2Grid, SeparableS2Activation
-from potentials.models.equiformer.layers import GateActivation, RadialMLP, SmoothLeakyReLU, SO3Linear
+from potentials.models.equiformer.layers import RadialMLP, SmoothLeakyReLU
 from potentials.models.equiformer.so2 import SO2Convolution
 from potentials.models.equiformer.so3 import EdgeLayout
 from potentials.nn import threads
+from potentials.nn.irreps import DegreeLinear, GateActivation
 from potentials.nn.native import grid_kernels
 
 
@@ -258,7 +259,7 @@ class SO2GraphAttention(nn.Module):
         bound = 1.0 / math.sqrt(alpha_channels)
         self.alpha_dot = nn.Parameter(torch.empty(num_heads, alpha_channels).uniform_(-bound, bound))
         self.alpha_dropout = nn.Dropout(alpha_drop) if alpha_drop > 0 else nn.Identity()
-        self.proj = SO3Linear(layout.lmax, num_heads * value_channels, out_channels)
+        self.proj = DegreeLinear(layout.lmax, num_heads * value_channels, out_channels)
         degrees = torch.tensor([l for l, _ in layout.rows], dtype=torch.long)
         self.register_buffer("row_first", degrees * degrees, persistent=False)
         self.register_buffer("row_length", 2 * degrees + 1, persistent=False)

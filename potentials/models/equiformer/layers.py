@@ -1,41 +1,14 @@
-"""Node-wise layers of EquiformerV2 on features [N, (lmax+1)², C]: degree-wise linear maps, the equivariant layer
-norm, the feed-forward networks (S² grid MLP or gate), the radial MLP, the attention activation, stochastic depth."""
+"""Node-wise layers of EquiformerV2 on features [N, (lmax+1)², C]: the equivariant layer norm, the feed-forward
+networks (S² grid MLP or gate), the radial MLP, the attention activation, stochastic depth.  The degree-wise linear
+map and the gate activation are the shared ones of :mod:`potentials.nn.irreps`."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from potentials.models.equiformer.grid import GridMLP, S2Grid, SeparableS2Activation
-from potentials.models.equiformer.so3 import degree_index
-
-
-class SO3Linear(nn.Module):
-    """Degree-wise linear map: y_l = W_l x_l (the same W_l for all 2l+1 orders), bias on l = 0 only.
-
-    Equivariant because it mixes channels, never the m components.  Computed as one batched product over the
-    (lmax+1)² coefficients, each with its degree's weight, bias included — one operation instead of a product, a
-    slice and a concatenation per degree (whose gradients fill whole zero tensors): 2.5× faster forward and backward
-    on 64–500 atoms.  The result is coefficient-major in memory ([N, K, C] with strides (C, N·C, 1)).
-    """
-
-    def __init__(self, lmax: int, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.lmax = int(lmax)
-        bound = 1.0 / math.sqrt(in_channels)
-        self.weight = nn.Parameter(torch.empty(lmax + 1, out_channels, in_channels).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.zeros(out_channels))
-        deg = degree_index(lmax)
-        self.register_buffer("degree", deg, persistent=False)
-        self.register_buffer("bias_rows", (deg == 0).double().unsqueeze(-1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, (lmax+1)², C_in] → [N, (lmax+1)², C_out]."""
-        weight = self.weight.index_select(0, self.degree).transpose(1, 2)  # [K, C_in, C_out]
-        bias = (self.bias_rows.to(x.dtype) * self.bias).unsqueeze(1)  # [K, 1, C_out]
-        return torch.baddbmm(bias, x.transpose(0, 1), weight).transpose(0, 1)
+from potentials.nn.irreps import DegreeLinear, GateActivation, degree_index
 
 
 class EquivariantLayerNorm(nn.Module):
@@ -71,22 +44,22 @@ class EquivariantLayerNorm(nn.Module):
 class FeedForwardS2(nn.Module):
     """Feed-forward S² network with separable scalars (EquiformerV2).
 
-    h = SO3Linear(x);  l = 0 of the result: SiLU(Linear(x_0));  l > 0: from_grid(MLP(to_grid(h))) with the grid MLP
+    h = DegreeLinear(x);  l = 0 of the result: SiLU(Linear(x_0));  l > 0: from_grid(MLP(to_grid(h))) with the grid MLP
     (``grid_mlp=True``, the paper's default) or from_grid(SiLU(to_grid(h))) (the separable S² activation);
-    then SO3Linear.
+    then DegreeLinear.
     """
 
     def __init__(self, lmax: int, channels: int, hidden_channels: int, out_channels: int, grid: S2Grid,
                  grid_mlp: bool = True) -> None:
         super().__init__()
-        self.linear_1 = SO3Linear(lmax, channels, hidden_channels)
+        self.linear_1 = DegreeLinear(lmax, channels, hidden_channels)
         if grid_mlp:
             self.scalar_mlp = nn.Sequential(nn.Linear(channels, hidden_channels), nn.SiLU())
             self.pointwise = GridMLP(grid, hidden_channels)
         else:  # the activation applies SiLU to the scalars itself
             self.scalar_mlp = nn.Linear(channels, hidden_channels)
             self.pointwise = SeparableS2Activation(grid)
-        self.linear_2 = SO3Linear(lmax, hidden_channels, out_channels)
+        self.linear_2 = DegreeLinear(lmax, hidden_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, (lmax+1)², C] → [N, (lmax+1)², C_out]."""
@@ -94,51 +67,15 @@ class FeedForwardS2(nn.Module):
         return self.linear_2(self.pointwise(scalars, self.linear_1(x)))
 
 
-class GateActivation(nn.Module):
-    """Gate activation (EquiformerV2's exactly equivariant alternative to the S² activation).
-
-    out_0 = SiLU(x_0);  out_l = x_l · sigmoid(g_l) for l > 0, with one gate g_l per (degree, channel) computed by the
-    caller from invariant features.  ``row_degrees`` gives the degree of each row of the layout; its first row must
-    be l = 0, and the rest must consist of runs of consecutive degrees (true of the l-major node layout and of the
-    m-major edge layout), so that each run is gated by a slice of the gates without gathering them.
-    """
-
-    def __init__(self, lmax: int, row_degrees: torch.Tensor) -> None:
-        super().__init__()
-        self.lmax = int(lmax)
-        degrees = [int(d) for d in row_degrees]
-        if degrees[0] != 0 or 0 in degrees[1:]:
-            raise ValueError(f"the layout must start with its only l = 0 row, got degrees {degrees}")
-        # runs (length, first degree, step): l-major rows repeat a degree 2l+1 times, m-major rows step by one
-        self.runs: list[tuple[int, int, int]] = []
-        start = 1
-        while start < len(degrees):
-            end = start + 1
-            step = 1 if end < len(degrees) and degrees[end] == degrees[start] + 1 else 0
-            while end < len(degrees) and degrees[end] == degrees[end - 1] + step:
-                end += 1
-            self.runs.append((end - start, degrees[start], step))
-            start = end
-
-    def forward(self, gates: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """gates [B, lmax·C], x [B, K, C] → [B, K, C]."""
-        g = torch.sigmoid(gates).reshape(x.shape[0], self.lmax, x.shape[-1])
-        blocks = x.split([1] + [n for n, _, _ in self.runs], dim=1)
-        out = [nn.functional.silu(blocks[0])]
-        for block, (n, first, step) in zip(blocks[1:], self.runs, strict=True):
-            out.append(block * (g[:, first - 1:first - 1 + n] if step else g[:, first - 1:first]))
-        return torch.cat(out, dim=1)
-
-
 class FeedForwardGate(nn.Module):
-    """Feed-forward network with a gate activation: SO3Linear → gates from Linear(x_0) → SO3Linear (exact)."""
+    """Feed-forward network with a gate activation: DegreeLinear → gates from Linear(x_0) → DegreeLinear (exact)."""
 
     def __init__(self, lmax: int, channels: int, hidden_channels: int, out_channels: int) -> None:
         super().__init__()
         self.gating = nn.Linear(channels, lmax * hidden_channels)
-        self.linear_1 = SO3Linear(lmax, channels, hidden_channels)
-        self.gate = GateActivation(lmax, degree_index(lmax))
-        self.linear_2 = SO3Linear(lmax, hidden_channels, out_channels)
+        self.linear_1 = DegreeLinear(lmax, channels, hidden_channels)
+        self.gate = GateActivation(lmax)
+        self.linear_2 = DegreeLinear(lmax, hidden_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, (lmax+1)², C] → [N, (lmax+1)², C_out]."""

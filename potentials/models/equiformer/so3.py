@@ -28,15 +28,7 @@ import torch
 from e3nn import o3
 from torch import nn
 
-
-def num_coefficients(lmax: int) -> int:
-    """Number of real spherical-harmonic coefficients of degrees 0 … lmax, (lmax+1)²."""
-    return (lmax + 1) ** 2
-
-
-def degree_index(lmax: int) -> torch.Tensor:
-    """[(lmax+1)²] long: the degree l of every coefficient."""
-    return torch.cat([torch.full((2 * l + 1,), l, dtype=torch.long) for l in range(lmax + 1)])
+from potentials.nn.irreps import num_coefficients
 
 
 class EdgeLayout:

@@ -4,7 +4,7 @@
     x_out = self-connection(x_in) + out-linear(σ(u))
 
 σ is the sphere-grid MLP (:class:`~potentials.models.facet.grid.SphereGridActivation`) or a gate
-(:class:`~potentials.models.facet.irreps.Gate`, whose gate scalars the post-linear also produces).  The post- and
+(:class:`~potentials.nn.irreps.GateActivation`, whose gate scalars the post-linear also produces).  The post- and
 out-linears are the first and last layers of the grid MLP.  When only scalars are produced (the last layer,
 lmax_out = 0) σ is SiLU for both: a function that is constant over the sphere needs no grid.
 """
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from potentials.models.facet.grid import SphereGridActivation
-from potentials.models.facet.irreps import Gate, IrrepsLinear, irreps_dim, l_slice
 from potentials.models.facet.tensor_product import EdgeTensorProduct
+from potentials.nn.irreps import DegreeLinear, GateActivation, degree_slice, num_coefficients
 
 
 class Interaction(nn.Module):
@@ -54,7 +54,8 @@ class Interaction(nn.Module):
             raise ValueError(f"self_interaction must be 'grid' or 'gate', got {self_interaction!r}")
         self.lmax_in, self.lmax_out = int(lmax_in), int(lmax_out)
         self.norm = 1.0 / float(avg_num_neighbors)
-        self.pre = IrrepsLinear(lmax_in, channels, channels, bias=False) if lmax_in > 0 else None
+        self.pre = (DegreeLinear(lmax_in, channels, channels, bias=False, weight_layout="in_out")
+                    if lmax_in > 0 else None)
         self.tp = EdgeTensorProduct(lmax_in, lmax_sh, lmax_out)
         self.use_gate = self_interaction == "gate" and lmax_out > 0
         # post-linear per path: C → H (+ the gate scalars on l3 = 0 paths); paths into the same l3 are summed
@@ -68,11 +69,12 @@ class Interaction(nn.Module):
         if lmax_out == 0:
             self.act: nn.Module = nn.SiLU()
         elif self.use_gate:
-            self.act = Gate(lmax_out)
+            self.act = GateActivation(lmax_out)
         else:
             self.act = SphereGridActivation(lmax_out, hidden, grid_resolution, grid_depth)
-        self.out = IrrepsLinear(lmax_out, hidden, channels)
-        self.self_connection = IrrepsLinear(min(lmax_in, lmax_out), channels, channels, bias=False)
+        self.out = DegreeLinear(lmax_out, hidden, channels, weight_layout="in_out")
+        self.self_connection = DegreeLinear(min(lmax_in, lmax_out), channels, channels, bias=False,
+                                            weight_layout="in_out")
         self.hidden = int(hidden)
 
     @property
@@ -95,7 +97,7 @@ class Interaction(nn.Module):
         n = x.shape[0]
         h = self.pre(x) if self.pre is not None else x
         x_j = [h[:, 0].index_select(0, src)]
-        x_j += [h[:, l_slice(l)].contiguous().index_select(0, src) for l in range(1, self.lmax_in + 1)]
+        x_j += [h[:, degree_slice(l)].contiguous().index_select(0, src) for l in range(1, self.lmax_in + 1)]
         messages = self.tp(x_j, sh, weights)
         parts: list[torch.Tensor | None] = [None] * (self.lmax_out + 1)
         for (_, _, l3), msg, weight in zip(self.tp.paths, messages, self.post, strict=True):
@@ -106,11 +108,11 @@ class Interaction(nn.Module):
         if self.use_gate:
             gates = parts[0][:, 0, self.hidden:]
             parts[0] = parts[0][..., :self.hidden]
-            y = self.act(torch.cat(parts, dim=1), gates)
+            y = self.act(gates, torch.cat(parts, dim=1))
         else:
             y = self.act(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
         out = self.out(y)
-        d_sc = irreps_dim(min(self.lmax_in, self.lmax_out))
+        d_sc = num_coefficients(min(self.lmax_in, self.lmax_out))
         sc = self.self_connection(x[:, :d_sc])
         if d_sc == out.shape[1]:
             return out + sc

@@ -7,13 +7,14 @@ The layer samples the functions at P grid points (one dense matmul with the prec
 Y_lm at the points), applies the MLP, and projects back with the quadrature rule
 ``x'_lm = Σ_p w_p Y_lm(n̂_p) g(n̂_p)`` (a second dense matmul with the precomputed [D, P] matrix).
 
-Grid: Gauss–Legendre nodes in cos β (``resolution`` rings) times ``2·resolution`` equally spaced α, weights
-normalised to sum to 1 (the mean over the sphere).  It integrates every polynomial of degree
-≤ 2·resolution − 1 exactly, so the round trip irreps → grid → irreps is exact when the MLP is linear and
-resolution ≥ lmax + 1.  The grid is symmetric under inversion and under rotations by multiples of π/resolution
-about z, so parity is exact; a general rotation is exact only up to quadrature: the MLP output is not
-band-limited, and its components above degree 2·resolution − 1 − lmax alias into the projection.  That is the
-layer's only equivariance error; it falls off exponentially with the resolution (SiLU is analytic).
+Grid (:func:`potentials.nn.sphere_grid.sphere_grid`, polar axis z): Gauss–Legendre nodes in cos β
+(``resolution`` rings) times ``2·resolution`` equally spaced α, weights normalised to sum to 1 (the mean over the
+sphere).  It integrates every polynomial of degree ≤ 2·resolution − 1 exactly, so the round trip irreps → grid →
+irreps is exact when the MLP is linear and resolution ≥ lmax + 1.  The grid is symmetric under inversion and under
+rotations by multiples of π/resolution about z, so parity is exact; a general rotation is exact only up to
+quadrature: the MLP output is not band-limited, and its components above degree 2·resolution − 1 − lmax alias into
+the projection.  That is the layer's only equivariance error; it falls off exponentially with the resolution (SiLU
+is analytic).
 
 Measured relative equivariance error ‖G(D x) − D G(x)‖ / ‖G(x)‖ of to-grid → SiLU → from-grid, float64,
 x ~ N(0, 1) per component, 64 nodes × 16 channels, worst of 20 random rotations (defaults marked *;
@@ -40,56 +41,16 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
-from e3nn import o3
 from torch import nn
 
-from potentials.models.facet.irreps import irreps_dim
+from potentials.nn.irreps import num_coefficients
+from potentials.nn.sphere_grid import sh_grid_matrices
 
 
 def default_resolution(lmax: int) -> int:
     """Default latitude rings for features up to ``lmax``: 2·lmax + 4 (6 for lmax 1, 8 for lmax 2)."""
     return 2 * int(lmax) + 4
-
-
-def sphere_grid(resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gauss–Legendre × uniform-α product grid on the unit sphere.
-
-    Args:
-        resolution: number of latitude rings; there are 2·resolution points per ring.
-
-    Returns:
-        points [P, 3] unit vectors and weights [P] (sum 1), float64, P = 2·resolution².
-    """
-    if resolution < 1:
-        raise ValueError(f"sphere grid resolution must be >= 1, got {resolution}")
-    cos_beta, w_beta = np.polynomial.legendre.leggauss(resolution)
-    n_alpha = 2 * resolution
-    alpha = 2.0 * math.pi * np.arange(n_alpha) / n_alpha
-    sin_beta = np.sqrt(1.0 - cos_beta**2)
-    points = np.stack(
-        [
-            np.outer(sin_beta, np.cos(alpha)),
-            np.outer(sin_beta, np.sin(alpha)),
-            np.outer(cos_beta, np.ones(n_alpha)),
-        ],
-        axis=-1,
-    ).reshape(-1, 3)
-    weights = np.repeat(w_beta / (2.0 * n_alpha), n_alpha)
-    return torch.from_numpy(points), torch.from_numpy(weights)
-
-
-def grid_matrices(lmax: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampling and projection matrices of the grid, float64.
-
-    Returns:
-        to_grid [P, D]: Y_lm at the points (component normalisation, mean square 1 over the sphere);
-        from_grid [D, P]: w_p Y_lm(p), the quadrature projection back to coefficients.
-    """
-    points, weights = sphere_grid(resolution)
-    y = o3.spherical_harmonics(list(range(lmax + 1)), points, normalize=True, normalization="component")
-    return y, (y * weights.unsqueeze(-1)).t().contiguous()
 
 
 class SphereGridActivation(nn.Module):
@@ -114,10 +75,10 @@ class SphereGridActivation(nn.Module):
         if resolution < lmax + 1:
             raise ValueError(f"sphere grid resolution {resolution} cannot represent lmax={lmax}; use >= {lmax + 1}")
         self.lmax, self.resolution = int(lmax), int(resolution)
-        to_grid, from_grid = grid_matrices(lmax, resolution)
+        to_grid, from_grid = sh_grid_matrices(lmax, resolution, 2 * resolution, polar_axis="z")
         # unit-variance coefficients give a grid function of variance D; rescale to O(1) and back.
         # Kept in float64 (cast at use): a model built in float32 and moved to float64 stays exact.
-        scale = math.sqrt(irreps_dim(lmax))
+        scale = math.sqrt(num_coefficients(lmax))
         self.register_buffer("to_grid", to_grid / scale)
         self.register_buffer("from_grid", from_grid * scale)
         self.hidden = nn.ModuleList(nn.Linear(channels, channels) for _ in range(depth - 1))
