@@ -1,7 +1,8 @@
 """Command line: ``python -m benchmarks run [--quick] [--only infer,train,accuracy,neighbors]``.
 
 ``python -m benchmarks setup`` only builds the peer venvs (benchmarks/.venvs, cached between runs).
-Results go to ``benchmarks/results/<date>-<machine>.md`` (+ ``.json`` with every raw number, + PNGs).
+Each part's report goes to a fixed name, ``benchmarks/results/<part>.md`` (+ ``<part>.json`` with every raw
+number, + ``<part>.png``), replacing that part's previous report; the run's date and time are inside the report.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _versions(records: dict) -> dict:
     return out
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(args: argparse.Namespace) -> list[Path]:
     only = tuple(args.only.split(",")) if args.only else PARTS
     bad = [p for p in only if p not in PARTS]
     if bad:
@@ -119,33 +120,28 @@ def run(args: argparse.Namespace) -> Path:
     splits = structures.write_md17_splits(cache, n_train, n_val, n_test)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = report.report_stem(start)
-    if (out / f"{stem}.json").exists():  # a second run the same day keeps the first report
-        stem += f"-{start:%H%M}"
-    meta["stem"] = stem
-    raw = out / f"{stem}.json"
-    run_data: dict = {"meta": meta, "records": {}}
     steps = {"neighbors": lambda: neighbors_bench.run(), "infer": lambda: run_infer(settings, paths),
              "train": lambda: run_train(settings, paths, splits), "accuracy": lambda: run_accuracy(settings, splits)}
+    written = []
     for part in PARTS:
         if part in only:
             log(part)
-            run_data["records"][part] = steps[part]()
-            # raw numbers saved after every part, so a later failure loses nothing
-            raw.write_text(json.dumps(run_data, indent=1, default=str))
-    meta["machine_end"] = report.machine_info()
-    raw.write_text(json.dumps(run_data, indent=1, default=str))
-    return write(run_data, out)
+            part_data = {"meta": meta, "records": {part: steps[part]()}}
+            meta["machine_end"] = report.machine_info()
+            # each part's raw numbers and report are written as soon as it ends, so a later failure loses nothing
+            raw = out / f"{report.report_name(part, settings.dtypes)}.json"
+            raw.write_text(json.dumps(part_data, indent=1, default=str))
+            written += write(part_data, out)
+    return written
 
 
-def write(run_data: dict, out: Path) -> Path:
-    """Render ``<stem>.md`` and the figures from the raw run data (as saved in ``<stem>.json``)."""
+def write(run_data: dict, out: Path) -> list[Path]:
+    """Render ``<part>.md`` and its figure for every part in the raw run data (as saved in ``<part>.json``)."""
     meta, records = run_data["meta"], run_data["records"]
     settings = meta["settings"]
     start = dt.datetime.fromisoformat(meta["start"])
     m0, m1 = meta["machine_start"], meta.get("machine_end", {})
     out.mkdir(parents=True, exist_ok=True)
-    stem = meta.get("stem") or report.report_stem(start, m0["host"])
     header = {
         "date": start.strftime("%Y-%m-%d %H:%M"),
         "command": meta["command"],
@@ -157,28 +153,33 @@ def write(run_data: dict, out: Path) -> Path:
         "versions": _versions(records) or "n/a",
         "settings": {k: v for k, v in settings.items() if k != "models"},
     }
-    sections = []
-    if "infer" in records:
-        report.plot_throughput(records["infer"], out / f"{stem}-infer.png")
-        sections.append(("Inference: energy + forces + stress per step",
-                         report.infer_table(records["infer"]) + f"\n\n![throughput]({stem}-infer.png)"))
-        paired = report.paired_ratios_table(records["infer"])
-        if paired:
-            sections.append(("Inference: speed ratios within each round", paired))
-    if "train" in records:
-        sections.append(("Training step (forces in the loss, graphs prebuilt, float32)",
-                         report.train_table(records["train"])))
-    if "accuracy" in records:
-        report.plot_curves(records["accuracy"], out / f"{stem}-accuracy.png")
-        sections.append((f"Accuracy at equal time: MD17 ethanol, {settings['budget_s']:.0f} s of optimiser steps",
-                         report.accuracy_table(records["accuracy"]) + f"\n\n![accuracy]({stem}-accuracy.png)"))
-    if "neighbors" in records:
-        report.plot_neighbors(records["neighbors"], out / f"{stem}-neighbors.png")
-        sections.append(("Neighbour lists: Cu fcc, cutoff 5 Å, full list with images",
-                         report.neighbors_table(records["neighbors"]) + f"\n\n![neighbours]({stem}-neighbors.png)"))
-    md = report.write_markdown(out / f"{stem}.md", header, sections)
-    log(f"wrote {md}")
-    return md
+    written = []
+    for part in PARTS:
+        if part not in records:
+            continue
+        name = report.report_name(part, settings.get("dtypes", ("float32",)))
+        recs = records[part]
+        if part == "infer":
+            report.plot_throughput(recs, out / f"{name}.png")
+            sections = [("Inference: energy + forces + stress per step",
+                         report.infer_table(recs) + f"\n\n![throughput]({name}.png)")]
+            paired = report.paired_ratios_table(recs)
+            if paired:
+                sections.append(("Inference: speed ratios within each round", paired))
+        elif part == "train":
+            sections = [("Training step (forces in the loss, graphs prebuilt, float32)", report.train_table(recs))]
+        elif part == "accuracy":
+            report.plot_curves(recs, out / f"{name}.png")
+            sections = [(f"Accuracy at equal time: MD17 ethanol, {settings['budget_s']:.0f} s of optimiser steps",
+                         report.accuracy_table(recs) + f"\n\n![accuracy]({name}.png)")]
+        else:
+            report.plot_neighbors(recs, out / f"{name}.png")
+            sections = [("Neighbour lists: Cu fcc, cutoff 5 Å, full list with images",
+                         report.neighbors_table(recs) + f"\n\n![neighbours]({name}.png)")]
+        md = report.write_markdown(out / f"{name}.md", header, sections, title=f"Benchmark results: {part}")
+        log(f"wrote {md}")
+        written.append(md)
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="glibc allocator settings of every worker: tuned (freed memory kept for reuse, as "
                         "potentials.runtime sets) or the system defaults")
     r.add_argument("--out", default=str(report.RESULTS_DIR))
-    w = sub.add_parser("report", help="re-render the markdown and figures from a saved <stem>.json")
+    w = sub.add_parser("report", help="re-render the markdown and figures from a saved <part>.json")
     w.add_argument("json")
     w.add_argument("--out", help="folder (default: beside the json)")
     s = sub.add_parser("setup", help="build the peer venvs")

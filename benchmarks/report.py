@@ -7,7 +7,6 @@ same structure and dtype, the ratio to it (> 1 means faster than the reference).
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import platform
 import socket
@@ -258,16 +257,20 @@ def plot_neighbors(rows: list[dict], path: Path) -> Path:
     return _loglog(path, lines, "atoms (Cu fcc, cutoff 5 Å)", "ms per neighbour list")
 
 
-def report_stem(date: _dt.datetime | None = None, host: str | None = None) -> str:
-    """``<YYYY-MM-DD>-<machine>``."""
-    date = date or _dt.datetime.now()
-    host = (host or socket.gethostname()).replace(" ", "_").replace("/", "_")
-    return f"{date:%Y-%m-%d}-{host}"
+def report_name(part: str, dtypes=("float32",)) -> str:
+    """The fixed file name (without suffix) of a part's report: each run replaces the previous report of its part.
+
+    Inference measured in float64 alone is not comparable with the float32 figures, so it keeps its own report.
+    """
+    if part == "infer" and tuple(dtypes) == ("float64",):
+        return "infer-float64"
+    return part
 
 
-def write_markdown(path: Path, header: dict, sections: list[tuple[str, str]]) -> Path:
+def write_markdown(path: Path, header: dict, sections: list[tuple[str, str]],
+                   title: str = "Benchmark results") -> Path:
     """The report: a header of run facts (versions, threads, command, date, machine), then the sections."""
-    lines = ["# Benchmark results", ""]
+    lines = [f"# {title}", ""]
     for key, value in header.items():
         if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
             lines.append(f"- **{key}**:")

@@ -18,8 +18,8 @@ Measures, on MPtrj-like frames (the 11 real frames of ``shared/data/mptrj``, rep
   one full epoch through 2 workers from each: anonymous memory (what the process owns) and file-backed memory
   (store pages mapped from the page cache, shared and reclaimable) are reported apart.
 
-Writes ``benchmarks/results/<date>-store.md`` and prints the same tables. Numbers from a loaded machine vary;
-the load average is recorded.
+Writes ``benchmarks/results/store.md`` (replacing the previous report; the date is inside) and prints the
+same tables. Numbers from a loaded machine vary; the load average is recorded.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from datetime import date  # noqa: E402
+from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import ase  # noqa: E402
@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     oc20 = ase_files.read(data / "oc20" / "oc20_is2res_random1447590.traj")
     n = 600 if args.quick else 3000
     seconds = 5.0 if args.quick else 10.0
-    report = {"settings": {"quick": args.quick, "frames": n, "cutoff": CUTOFF, "seconds_per_rate": seconds}}
+    report = {"settings": {"quick": args.quick, "frames": n, "cutoff": CUTOFF, "seconds_per_rate": seconds},
+              "start": datetime.now().strftime("%Y-%m-%d %H:%M")}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         conv = []
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(report)
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{date.today().isoformat()}-store.md"
+    out = RESULTS / "store.md"
     out.write_text(text + "\n")
     print(f"\nwritten {out}")
     return 0
@@ -295,6 +296,7 @@ def render(report: dict) -> str:
     lines = [
         "# Graph store benchmark",
         "",
+        f"- **date**: {report['start']}",
         f"- **command**: python -m benchmarks.store_bench{' --quick' if s['quick'] else ''}",
         f"- **machine**: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         f"- **load average (1/5/15 min) at start / end**: {[round(x, 2) for x in report['load_average']['start']]} / "

@@ -120,7 +120,29 @@ def test_markdown_report_has_run_facts(tmp_path):
     text = path.read_text()
     assert "python -m benchmarks run --quick" in text and "**threads**: 2" in text
     assert "| 1 | 2.35 |" in text
-    assert report.report_stem(host="my host").endswith("-my_host")
+    assert report.report_name("infer") == "infer" and report.report_name("train") == "train"
+    assert report.report_name("infer", ("float64",)) == "infer-float64"
+    assert report.report_name("infer", ("float32", "float64")) == "infer"
+
+
+def test_each_part_is_written_under_its_fixed_name_with_the_run_date(tmp_path):
+    """A run of two parts writes infer.md/.png and neighbors.md/.png; a later run replaces only its part."""
+    from benchmarks.__main__ import write
+
+    machine = {"host": "h", "cpu": "c", "cores": 2, "memory_GB": 1, "platform": "p", "load_avg_1_5_15": [0, 0, 0]}
+    meta = {"start": "2026-01-02T03:04:05", "command": "python -m benchmarks run", "machine_start": machine,
+            "settings": {"threads": 2, "omp_wait_policy": "PASSIVE", "dtypes": ["float32"], "budget_s": 60}}
+    infer = [_infer_record("mace-64", "mace", "si64", 100.0), _infer_record("egnn-64", "ours", "si64", 250.0)]
+    neighbors = [{"n_atoms": 2, "n_edges": 84, "ours_ms": 0.2, "ase_ms": 30.0},
+                 {"n_atoms": 32, "n_edges": 1344, "ours_ms": 0.9, "ase_ms": 70.0}]
+    written = write({"meta": meta, "records": {"infer": infer, "neighbors": neighbors}}, tmp_path)
+    assert sorted(p.name for p in written) == ["infer.md", "neighbors.md"]
+    text = (tmp_path / "infer.md").read_text()
+    assert "2026-01-02 03:04" in text and "![throughput](infer.png)" in text and "Neighbour" not in text
+    assert (tmp_path / "infer.png").exists() and (tmp_path / "neighbors.png").exists()
+    meta64 = {**meta, "start": "2026-01-03T00:00:00", "settings": {**meta["settings"], "dtypes": ["float64"]}}
+    (written,) = write({"meta": meta64, "records": {"infer": infer}}, tmp_path)
+    assert written.name == "infer-float64.md" and "2026-01-02 03:04" in (tmp_path / "infer.md").read_text()
 
 
 def test_plots_are_written(tmp_path):
