@@ -19,10 +19,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from potentials import keys
+from potentials import accel, keys
 from potentials.errors import PotentialsInputError
 from potentials.neighbors import edge_vectors
-from potentials.nn import grad_scope, threads
+from potentials.nn import grad_scope
 
 NUM_Z = 119
 
@@ -43,6 +43,9 @@ class Potential(nn.Module):
             elements the potential knows.
         scale: multiplies the model's per-atom output (eV); usually the force RMS of the training set.
         shift: added to every atom's energy, eV.
+        kernels: implementation of the hot operations: ``"auto"`` (the fastest available on the device),
+            ``"torch"`` (plain PyTorch operations, the reference) or ``"cpu"`` (the package's compiled CPU
+            kernels); see :mod:`potentials.accel`.
     """
 
     def __init__(
@@ -52,9 +55,11 @@ class Potential(nn.Module):
         atomic_energies: Mapping[int, float] | None = None,
         scale: float = 1.0,
         shift: float = 0.0,
+        kernels: str = "auto",
     ) -> None:
         super().__init__()
         self.model = model
+        self.kernels = kernels
         self.cutoff = float(cutoff)
         e0 = torch.zeros(NUM_Z)
         known = torch.zeros(NUM_Z, dtype=torch.bool)
@@ -128,8 +133,8 @@ class Potential(nn.Module):
             # differentiated below with respect to positions and strain only, the graph not kept: no parameter
             # gradients can be asked of it (custom autograd functions may then skip theirs)
             derivatives_only = bool(inputs) and not create_graph and not getattr(self.model, "direct_forces", False)
-            # small steps on one thread where OpenMP threads sleep between operations (potentials.nn.threads)
-            with threads.small_steps_serial(derivatives_only):
+            # small steps on one thread where OpenMP threads sleep between operations (potentials.accel.threads)
+            with accel.backend(self.kernels), accel.small_steps_serial(derivatives_only):
                 with grad_scope.inputs_only(derivatives_only):
                     out = self.model(data)
                 direct_forces = None

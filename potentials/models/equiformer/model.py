@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from potentials import accel
 from potentials.models.equiformer.attention import EdgeData, EdgeDegreeEmbedding, SO2GraphAttention
 from potentials.models.equiformer.grid import S2Grid
 from potentials.models.equiformer.layers import (
@@ -35,7 +36,6 @@ from potentials.models.equiformer.layers import (
     GraphDropPath,
 )
 from potentials.models.equiformer.so3 import EdgeRotation, num_coefficients
-from potentials.nn import threads
 from potentials.nn.radial import GaussianBasis, PolynomialEnvelope
 
 NUM_ELEMENTS = 119
@@ -227,7 +227,7 @@ class EquiformerV2(nn.Module):
         edge = self.edge_data(graph.edge_index, edge_vec, n)
         x0 = self.embedding(z).unsqueeze(1)
         x = torch.cat([x0, x0.new_zeros(n, num_coefficients(self.lmax) - 1, self.channels)], dim=1)
-        x = threads.enter(x + self.edge_degree(z, edge))  # node-wise steps from here on (see potentials.nn.threads)
+        x = accel.mark_steps(x + self.edge_degree(z, edge))  # node-wise steps from here on
         num_graphs = 1
         if self.training and any(b.drop_path.p > 0 for b in self.blocks):
             num_graphs = int(batch.max()) + 1 if n else 0

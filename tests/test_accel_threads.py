@@ -1,4 +1,4 @@
-"""Small steps on one thread under the passive OpenMP wait policy (potentials.nn.threads)."""
+"""Small steps on one thread under the passive OpenMP wait policy (potentials.accel.threads)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import ase.build
 import pytest
 import torch
 
+from potentials.accel import threads
 from potentials.graph import AtomicGraph
 from potentials.models.equiformer import EquiformerV2
-from potentials.nn import threads
 from potentials.potential import Potential
 
 
