@@ -16,8 +16,8 @@ import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
+from potentials.accel import tune_allocator
 from potentials.errors import PotentialsInputError
-from potentials.runtime import tune_allocator
 from potentials.training.launch import external_launch_overrides, print_input_error
 from potentials.training.report import demo_relax, print_summary
 from potentials.training.run import register_resolvers, run

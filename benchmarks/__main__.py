@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--omp-wait", default="PASSIVE", help="OMP_WAIT_POLICY for workers (PASSIVE, ACTIVE or none)")
     r.add_argument("--malloc", default="tuned", choices=("tuned", "system"),
                    help="glibc allocator settings of every worker: tuned (freed memory kept for reuse, as "
-                        "potentials.runtime sets) or the system defaults")
+                        "potentials.accel.allocator sets) or the system defaults")
     r.add_argument("--out", default=str(report.RESULTS_DIR))
     w = sub.add_parser("report", help="re-render the markdown and figures from a saved <part>.json")
     w.add_argument("json")

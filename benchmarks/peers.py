@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from potentials.runtime import GLIBC_ENV
+from potentials.accel.allocator import GLIBC_ENV
 
 BENCH_DIR = Path(__file__).resolve().parent
 VENV_ROOT = BENCH_DIR / ".venvs"
@@ -200,8 +200,9 @@ def worker_env(threads: int, wait_policy: str | None = "PASSIVE", pythonpath: st
 
     ``OMP_WAIT_POLICY=PASSIVE`` (the default here) stops idle OpenMP threads from spinning: on a machine
     shared with other jobs, spinning threads of a 2-thread pool slowed every framework by 3-10x.
-    ``malloc="tuned"`` gives every framework's worker the glibc settings of :mod:`potentials.runtime` (freed memory
-    kept for reuse: on 500 atoms 1.3x faster for eSCN-MD, 1.2x for EquiformerV2); ``"system"`` glibc's defaults.
+    ``malloc="tuned"`` gives every framework's worker the glibc settings of :mod:`potentials.accel.allocator`
+    (freed memory kept for reuse: on 500 atoms 1.3x faster for eSCN-MD, 1.2x for EquiformerV2); ``"system"``
+    glibc's defaults.
     """
     dropped = ("PYTHONPATH", "VIRTUAL_ENV", "POTENTIALS_MALLOC", "GLIBC_TUNABLES")
     env = {k: v for k, v in os.environ.items() if k not in dropped and not k.startswith("MALLOC_")}

@@ -95,7 +95,7 @@ class Settings:
     models: tuple[str, ...] = field(default_factory=tuple)
     accuracy_models: tuple[str, ...] = field(default_factory=tuple)  # empty: every selected model but fairchem
     omp_wait_policy: str = "PASSIVE"
-    malloc: str = "tuned"  # glibc allocator settings of every worker: "tuned" (potentials.runtime) or "system"
+    malloc: str = "tuned"  # glibc allocator settings of every worker: "tuned" (potentials.accel.allocator) or "system"
     rounds: int = 1  # repetitions of the inference part (models interleaved); the report takes medians
 
     @classmethod

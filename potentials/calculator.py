@@ -10,10 +10,10 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 from torch_geometric.data import Batch
 
-from potentials import keys
+from potentials import accel, keys
+from potentials.accel import tune_allocator
 from potentials.graph import AtomicGraph
 from potentials.potential import Potential
-from potentials.runtime import tune_allocator
 
 
 class PotentialCalculator(Calculator):
@@ -25,7 +25,7 @@ class PotentialCalculator(Calculator):
         dtype: ``"float32"`` or ``"float64"``.
 
     Creating one tunes the process's memory allocator for repeated large steps
-    (:func:`potentials.runtime.tune_allocator`; ``POTENTIALS_MALLOC=system`` opts out).
+    (:func:`potentials.accel.tune_allocator`; ``POTENTIALS_MALLOC=system`` opts out).
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -39,14 +39,18 @@ class PotentialCalculator(Calculator):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
-                  cutoff: float | None = None, **kwargs) -> PotentialCalculator:
+                  cutoff: float | None = None, kernels: str | None = None, **kwargs) -> PotentialCalculator:
         """Load a model file written at the end of training (``<run dir>/model.pt``).
 
-        ``cutoff`` (Å), when given, must be the model's training cutoff (see :func:`potentials.export.load`).
+        ``cutoff`` (Å), when given, must be the model's training cutoff (see :func:`potentials.export.load`);
+        ``kernels``, when given, replaces the file's choice of implementation (see :mod:`potentials.accel`).
         """
         from potentials.export import load
 
-        return cls(load(path, device=device, dtype=dtype, cutoff=cutoff), device=device, dtype=dtype, **kwargs)
+        potential = load(path, device=device, dtype=dtype, cutoff=cutoff)
+        if kernels is not None:
+            potential.kernels = accel.backends.check(kernels)
+        return cls(potential, device=device, dtype=dtype, **kwargs)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)

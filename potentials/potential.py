@@ -19,11 +19,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from potentials import keys
+from potentials import accel, keys
 from potentials.errors import PotentialsInputError
 from potentials.models.base import EnergyModel
 from potentials.neighbors import edge_vectors
-from potentials.nn import grad_scope, threads
+from potentials.nn import grad_scope
 
 NUM_Z = 119
 #: Implementations of the hot operations a potential may run on (see ``Potential``'s ``kernels`` argument).
@@ -48,7 +48,7 @@ class Potential(nn.Module):
         shift: added to every atom's energy, eV.
         kernels: implementation of the hot operations: ``"auto"`` (the fastest available on the device),
             ``"torch"`` (plain PyTorch operations, the reference) or ``"cpu"`` (the package's compiled CPU
-            kernels); saved in model files.
+            kernels); saved in model files, see :mod:`potentials.accel`.
     """
 
     def __init__(
@@ -149,8 +149,8 @@ class Potential(nn.Module):
             # differentiated below with respect to positions and strain only, the graph not kept: no parameter
             # gradients can be asked of it (custom autograd functions may then skip theirs)
             derivatives_only = bool(inputs) and not create_graph and not self.model.direct_forces
-            # small steps on one thread where OpenMP threads sleep between operations (potentials.nn.threads)
-            with threads.small_steps_serial(derivatives_only):
+            # small steps on one thread where OpenMP threads sleep between operations (potentials.accel.threads)
+            with accel.backend(self.kernels), accel.small_steps_serial(derivatives_only):
                 with grad_scope.inputs_only(derivatives_only):
                     out = self.model(data)
                 direct_forces = None

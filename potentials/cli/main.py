@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from potentials import __version__
+from potentials.accel import tune_allocator
 from potentials.cli import evaluate, md, preprocess, relax
-from potentials.runtime import tune_allocator
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,7 +48,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"skipped {path}: {reason.splitlines()[0][:200]}", file=sys.stderr)
     if not len(found):
         raise SystemExit(f"error: no readable structure in {', '.join(args.structures)}")
-    calc = PotentialCalculator.from_file(args.model, device=args.device, dtype=args.dtype)
+    calc = PotentialCalculator.from_file(args.model, device=args.device, dtype=args.dtype,
+                                           kernels=args.kernels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

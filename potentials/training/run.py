@@ -78,7 +78,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, PotentialModule]:
     if abs(model_cutoff - float(cfg.cutoff)) > 1e-9:
         raise PotentialsInputError(f"model.cutoff={model_cutoff} Å differs from cutoff={cfg.cutoff} Å, the radius the "
                                    "neighbour lists are built with; set the top-level cutoff only")
-    potential = Potential(model, cfg.cutoff, atomic_energies=stats.atomic_energies, scale=stats.force_rms)
+    potential = Potential(model, cfg.cutoff, atomic_energies=stats.atomic_energies, scale=stats.force_rms,
+                          kernels=cfg.get("kernels", "auto"))
     potential = potential.to(dtype)
     t = cfg.training
     module = PotentialModule(

@@ -16,16 +16,8 @@ from torch_geometric.data import Batch
 
 from potentials.graph import AtomicGraph
 from potentials.models.equiformer import EquiformerV2
-from potentials.models.equiformer.grid import (
-    GridMLP,
-    GridMLPCore,
-    GridSiLU,
-    GridSiLUGrad,
-    S2Grid,
-    SeparableS2Activation,
-)
+from potentials.models.equiformer.grid import S2Grid, SeparableS2Activation
 from potentials.models.equiformer.so3 import EdgeLayout, num_coefficients, wigner_blocks, wigner_cg_tables
-from potentials.nn import native
 from potentials.potential import Potential
 
 CUTOFF = 4.0
@@ -138,152 +130,14 @@ def test_model_is_equivariant_to_round_off_without_grid_error(variant):
     assert err_e < 1e-12 and err_f < 1e-9 and err_s < 1e-9
 
 
-@pytest.mark.parametrize("path", ["compiled kernel", "tensor operations"])
-def test_chunked_grid_silu_gradients_and_second_derivatives(monkeypatch, path):
-    """The activation (the compiled kernel, or chunked tensor operations: grid values recomputed in the backward
-    pass) against the plain composition."""
-    if path == "tensor operations":
-        monkeypatch.setitem(native._state, "disabled", 1)
-    else:
-        assert native.grid_kernels(torch.zeros(1, dtype=torch.float64)) is not None, native.unavailable_reason()
-    calls = _spy_kernels(monkeypatch)
-    grid = S2Grid(3, EdgeLayout(3, 2).full_index, 4, 10)
-    synthesis, analysis = grid.to_grid_mat, grid.from_grid_mat[1:]
-    monkeypatch.setattr(GridSiLU, "CHUNK_VALUES", 5 * synthesis.shape[0])  # 21 rows in 5 chunks of 4–5
-    x = torch.randn(7, synthesis.shape[1], 3, dtype=torch.float64, requires_grad=True)
-    plain = torch.matmul(analysis, torch.nn.functional.silu(torch.matmul(synthesis, x)))
-    torch.testing.assert_close(GridSiLU.apply(x, synthesis, analysis), plain)
-    grad = torch.randn_like(plain)
-    (expected,) = torch.autograd.grad(plain, x, grad)
-    (chunked,) = torch.autograd.grad(GridSiLU.apply(x, synthesis, analysis), x, grad)  # the chunked backward
-    torch.testing.assert_close(chunked, expected)
-    assert torch.autograd.gradcheck(lambda t: GridSiLU.apply(t, synthesis, analysis), (x,))
-    assert torch.autograd.gradgradcheck(lambda t: GridSiLU.apply(t, synthesis, analysis), (x,))
-    # second derivatives (the chunked backward of the backward) against the plain composition's
-    plain = torch.matmul(analysis, torch.nn.functional.silu(torch.matmul(synthesis, x)))
-    (first,) = torch.autograd.grad(GridSiLU.apply(x, synthesis, analysis), x, grad, create_graph=True)
-    grad.requires_grad_(True)
-    (first_plain,) = torch.autograd.grad(plain, x, grad, create_graph=True)
-    probe = torch.randn_like(first)
-    got = torch.autograd.grad((GridSiLUGrad.apply(x, grad, synthesis, analysis) * probe).sum(), (x, grad))
-    want = torch.autograd.grad((first_plain * probe).sum(), (x, grad))
-    torch.testing.assert_close(first, first_plain)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
-    # the gradient function itself: first derivatives chunked, second ones (a third derivative) plain
-    assert torch.autograd.gradcheck(lambda t, g: GridSiLUGrad.apply(t, g, synthesis, analysis), (x, grad))
-    assert torch.autograd.gradgradcheck(lambda t, g: GridSiLUGrad.apply(t, g, synthesis, analysis), (x, grad))
-    used = {"forward", "backward", "double_backward"} if path == "compiled kernel" else set()
-    assert {name for name, n in calls.items() if n} == used
-
-
-@pytest.mark.parametrize("path", ["compiled kernel", "tensor operations"])
-def test_chunked_grid_mlp_gradients_and_second_derivatives(monkeypatch, path):
-    """The grid MLP's chunked core (grid values recomputed in the backward pass; its point-wise steps in the compiled
-    kernels, or tensor operations) against the plain composition."""
-    if path == "tensor operations":
-        monkeypatch.setitem(native._state, "disabled", 1)
-    else:
-        assert native.grid_kernels(torch.zeros(1, dtype=torch.float64)) is not None, native.unavailable_reason()
-    grid = S2Grid(2, torch.arange(9), 3, 6)
-    synthesis, analysis = grid.to_grid_mat, grid.from_grid_mat[1:]
-    monkeypatch.setattr(GridSiLU, "CHUNK_VALUES", 2 * synthesis.shape[0] * 4)  # 5 nodes in 3 chunks of 1–2
-    monkeypatch.setattr(GridMLPCore, "KERNEL_CHUNK_VALUES", 2 * synthesis.shape[0] * 4)
-    calls = _spy_kernels(monkeypatch)
-    h = torch.randn(5, 9, 4, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
-
-    def plain(h, weight):
-        values = torch.nn.functional.silu(torch.nn.functional.silu(torch.matmul(synthesis, h)) @ weight.T)
-        return torch.matmul(analysis, values)
-
-    expected = plain(h, weight)
-    torch.testing.assert_close(GridMLPCore.apply(h, synthesis, analysis, weight), expected)
-    grad = torch.randn_like(expected)
-    want = torch.autograd.grad(expected, (h, weight), grad)
-    got = torch.autograd.grad(GridMLPCore.apply(h, synthesis, analysis, weight), (h, weight), grad)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b)
-    assert torch.autograd.gradcheck(lambda t, w: GridMLPCore.apply(t, synthesis, analysis, w), (h, weight))
-    assert torch.autograd.gradgradcheck(lambda t, w: GridMLPCore.apply(t, synthesis, analysis, w), (h, weight))
-    used = {"mlp_to_grid", "mlp_from_grid", "mlp_from_grid_backward", "mlp_to_grid_backward"}
-    assert {name for name, n in calls.items() if n} == (used if path == "compiled kernel" else set())
-
-
-def _spy_kernels(monkeypatch) -> dict[str, int]:
-    """Count the calls of every compiled-kernel method (to show which path ran)."""
-    calls: dict[str, int] = {}
-    for name in ("forward", "backward", "double_backward", "mlp_to_grid", "mlp_from_grid", "mlp_from_grid_backward",
-                 "mlp_to_grid_backward"):
-        original = getattr(native.GridKernels, name)
-        calls[name] = 0
-
-        def counted(self, *args, _name=name, _original=original, **kwargs):
-            calls[_name] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(native.GridKernels, name, counted)
-    return calls
-
-
-@pytest.mark.parametrize("path", ["compiled kernel", "tensor operations"])
-def test_structure_without_edges(monkeypatch, path):
+@pytest.mark.parametrize("kernels", ["cpu", "torch"])
+def test_structure_without_edges(kernels):
     """Two atoms beyond the cutoff: no edges (zero rows for the edge activation); finite energy, zero forces."""
-    if path == "tensor operations":
-        monkeypatch.setitem(native._state, "disabled", 1)
     atoms = ase.Atoms("CuAl", positions=[[0, 0, 0], [10, 0, 0]], cell=[20, 20, 20], pbc=True)
     graph = Batch.from_data_list([AtomicGraph.from_atoms(atoms, CUTOFF, dtype=torch.float64)])
     assert graph.edge_index.shape[1] == 0
-    out = _model(2, 8)(graph)
+    potential = _model(2, 8)
+    potential.kernels = kernels
+    out = potential(graph)
     assert torch.isfinite(out["energy"]).all()
     torch.testing.assert_close(out["forces"], torch.zeros_like(out["forces"]))
-
-
-def test_inference_skips_the_grid_mlp_weight_gradient_training_keeps_it():
-    """Forces and stress without a kept graph take the grid MLP's weight as a constant (no weight gradient is
-    computed); the same call with the graph kept (training on forces) still trains that weight."""
-    potential = _model(2, 8)
-    graph = Batch.from_data_list([AtomicGraph.from_atoms(_bulk(), CUTOFF, dtype=torch.float64)])
-    weights = [m.mlp[2].weight for m in potential.modules() if isinstance(m, GridMLP)]
-    assert weights and all(w.requires_grad for w in weights)
-    calls = []
-    original = GridMLPCore.backward
-
-    def spy(ctx, grad):
-        calls.append(ctx.needs_input_grad[3])
-        kept.append(ctx.kept is not None)
-        out = original(ctx, grad)
-        assert ctx.kept is None  # released by the backward pass, not held with the graph
-        return out
-
-    kept = []
-
-    GridMLPCore.backward = staticmethod(spy)
-    try:
-        fast = potential(graph)
-        potential.model.direct_forces = True  # Potential then keeps parameters differentiable (same outputs here)
-        try:
-            full = potential(graph)
-        finally:
-            potential.model.direct_forces = False
-        assert calls == [False] * len(weights) + [True] * len(weights)
-        # the kernel path keeps the pre-activations for the backward pass only without a weight gradient
-        assert kept == [native.grid_kernels(graph.pos) is not None] * len(weights) + [False] * len(weights)
-        for key in ("energy", "forces", "stress"):
-            torch.testing.assert_close(fast[key], full[key], rtol=1e-13, atol=1e-13)
-        GridMLPCore.KEEP_VALUES, keep_values = 0, GridMLPCore.KEEP_VALUES  # too large to keep: recomputed
-        try:
-            recomputed = potential(graph)
-        finally:
-            GridMLPCore.KEEP_VALUES = keep_values
-        assert kept[-len(weights):] == [False] * len(weights)
-        for key in ("energy", "forces", "stress"):
-            torch.testing.assert_close(fast[key], recomputed[key], rtol=1e-13, atol=1e-13)
-        calls.clear()
-        out = potential(graph, create_graph=True)
-        (out["forces"] ** 2).sum().backward()
-        assert len(calls) >= len(weights) and all(calls)  # forces, then the loss's way back through the outputs
-        assert all(w.grad is not None for w in weights)
-        assert weights[0].grad.abs().sum() > 0  # (the last block's l > 0 outputs reach no energy)
-    finally:
-        GridMLPCore.backward = original

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 from torch_geometric.utils import scatter
 
+from potentials import accel
+from potentials.accel import ops
 from potentials.models.equiformer.grid import S2Grid, SeparableS2Activation
 from potentials.models.equiformer.layers import RadialMLP, SmoothLeakyReLU
 from potentials.models.equiformer.so2 import SO2Convolution
 from potentials.models.equiformer.so3 import EdgeLayout
-from potentials.nn import threads
 from potentials.nn.irreps import DegreeLinear, GateActivation
-from potentials.nn.native import grid_kernels
 
 
 @dataclass
@@ -51,15 +51,9 @@ class EdgeData:
 
     def incidence(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(order [2, E], start [2, N + 1]): the edges sorted by src and by dst, and where each node's edges begin
-        in those orders (computed once per forward pass)."""
+        in those orders (:func:`potentials.accel.ops.incidence`, computed once per forward pass)."""
         if self._incidence is None:
-            orders, starts = [], []
-            for index in (self.src.long(), self.dst.long()):
-                orders.append(torch.argsort(index, stable=True))
-                start = index.new_zeros(self.num_nodes + 1)
-                torch.cumsum(torch.bincount(index, minlength=self.num_nodes), 0, out=start[1:])
-                starts.append(start)
-            self._incidence = (torch.stack(orders), torch.stack(starts))
+            self._incidence = ops.incidence(self.src, self.dst, self.num_nodes)
         return self._incidence
 
 
@@ -85,124 +79,23 @@ def edge_scalars(radial: torch.Tensor, z: torch.Tensor, edge: EdgeData, source: 
 
 
 def gather_pairs(x: torch.Tensor, edge: EdgeData) -> torch.Tensor:
-    """[x_j, x_i] per edge j → i: node features [N, K, C] → [E, K, 2C] (source channels first).
-
-    One gather of C-channel rows from x viewed as [N·K, C], in the output's own order, so that its backward pass is
-    a single index_add of a contiguous gradient.  (Concatenating two gathers is 3× slower forward and 4× slower
-    backward on 21 000 edges: the halves of the concatenation's gradient are strided, the slow case of index_add.)
-    """
-    n, k, c = x.shape
-    coeff = torch.arange(k, device=x.device)
-    rows = torch.stack([edge.src[:, None] * k + coeff, edge.dst[:, None] * k + coeff], dim=-1)
-    return x.reshape(n * k, c).index_select(0, rows.reshape(-1)).view(-1, k, 2 * c)
-
-
-@dataclass(frozen=True)
-class _RotationOp:
-    """One of the two compiled edge-rotation kernels (:mod:`potentials.nn.native`), both bilinear in their two
-    arguments (a, w), w being block-diagonal like ``edge.rot`` (read in the columns ``first`` … ``first + length``
-    of each row only):
-
-    * ``"pairs"``: a = node features [N, K, C] → bmm(w, gather_pairs(a, edge)) [E, R, 2C], without the gathered copy;
-    * ``"back"``: a = edge-frame messages [E, R, C] → Σ over each centre's edges of bmm(wᵀ, a), [N, K, C].
-
-    ``grad(g, a, w)`` gives the gradients (by a, by w) of ⟨g, value(a, w)⟩, by a kernel of its own (node by node where
-    it sums over edges, so no two threads add into one row).  Holds index tensors only (the autograd graph keeps it).
-    """
-
-    kind: str
-    src: torch.Tensor
-    dst: torch.Tensor
-    order: torch.Tensor
-    start: torch.Tensor
-    kernels: object
-    first: torch.Tensor
-    length: torch.Tensor
-
-    @staticmethod
-    def of(kind: str, edge: EdgeData, kernels, first: torch.Tensor, length: torch.Tensor) -> _RotationOp:
-        order, start = edge.incidence()
-        return _RotationOp(kind, edge.src.long().contiguous(), edge.dst.long().contiguous(), order, start, kernels,
-                           first, length)
-
-    def value(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if self.kind == "pairs":
-            return self.kernels.rotate_pairs(a, w, self.src, self.dst, self.first, self.length)
-        return self.kernels.rotate_back_sum(a, w, self.order[1], self.start[1], self.first, self.length)
-
-    def grad(self, g: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kind == "pairs":
-            return self.kernels.rotate_pairs_backward(a, w, g, self.order, self.start, self.first, self.length)
-        return self.kernels.rotate_back_sum_backward(a, w, g, self.dst, self.first, self.length)
-
-
-class _Rotation(torch.autograd.Function):
-    """y = op.value(a, w), differentiable to any order (training on forces included)."""
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, w: torch.Tensor, op: _RotationOp) -> torch.Tensor:
-        a, w = a.contiguous(), w.contiguous()
-        ctx.save_for_backward(a, w)
-        ctx.op = op
-        return op.value(a, w)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        a, w = ctx.saved_tensors
-        grad_a, grad_w = _RotationGrad.apply(grad, a, w, ctx.op)
-        return grad_a, grad_w, None
-
-
-class _RotationGrad(torch.autograd.Function):
-    """(∂/∂a, ∂/∂w) of ⟨g, op.value(a, w)⟩ = op.grad(g, a, w): linear in g, in a (the w-part) and in w (the a-part).
-
-    Its own gradient for incoming (u, v) closes the family: by g, value(u, w) + value(a, v); by a and w together,
-    grad(g, u, v) = (∂/∂a of ⟨g, value(·, v)⟩, ∂/∂w of ⟨g, value(u, ·)⟩) — both kernels again.
-    """
-
-    @staticmethod
-    def forward(ctx, g: torch.Tensor, a: torch.Tensor, w: torch.Tensor, op: _RotationOp):
-        g, a, w = g.contiguous(), a.contiguous(), w.contiguous()
-        ctx.save_for_backward(g, a, w)
-        ctx.op = op
-        return op.grad(g, a, w)
-
-    @staticmethod
-    def backward(ctx, u: torch.Tensor, v: torch.Tensor):  # (autograd passes zeros for an unused output)
-        g, a, w = ctx.saved_tensors
-        grad_g = grad_a = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_g = _Rotation.apply(u, w, ctx.op) + _Rotation.apply(a, v, ctx.op)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_a, grad_w = _RotationGrad.apply(g, u, v, ctx.op)
-        return grad_g, grad_a, grad_w, None
+    """[x_j, x_i] per edge j → i: node features [N, K, C] → [E, K, 2C] (source channels first)."""
+    return ops.gather_pairs(x, edge.src, edge.dst)
 
 
 def rotated_pairs(x: torch.Tensor, edge: EdgeData, row_first: torch.Tensor, row_length: torch.Tensor
                   ) -> torch.Tensor:
     """Edge-frame coefficients of [x_j, x_i] per edge j → i: bmm(edge.rot, gather_pairs(x, edge)), [E, R, 2C].
 
-    ``row_first``, ``row_length`` [R]: the columns of each row of ``edge.rot`` inside its degree's block.  On the
-    CPU one compiled kernel does the gather and the rotation (21 000 edges: 3× faster, 2.5× with the gradient);
-    elsewhere tensor operations.
+    ``row_first``, ``row_length`` [R]: the columns of each row of ``edge.rot`` inside its degree's block.
     """
-    kernels = grid_kernels(x, edge.rot)
-    if kernels is not None:
-        return _Rotation.apply(x, edge.rot, _RotationOp.of("pairs", edge, kernels, row_first, row_length))
-    return torch.bmm(edge.rot, gather_pairs(x, edge))
+    return ops.rotate_pairs(x, edge.rot, edge.src, edge.dst, row_first, row_length, edge.incidence)
 
 
 def rotated_back_sum(msg: torch.Tensor, edge: EdgeData, row_first: torch.Tensor, row_length: torch.Tensor
                      ) -> torch.Tensor:
-    """Edge-frame messages [E, R, C] rotated back and summed into their centres: [N, (lmax+1)², C].
-
-    On the CPU one compiled kernel (21 000 edges: 2–2.5× faster with the gradient); elsewhere bmm and index_add.
-    """
-    kernels = grid_kernels(msg, edge.rot)
-    if kernels is not None:
-        return _Rotation.apply(msg, edge.rot, _RotationOp.of("back", edge, kernels, row_first, row_length))
-    msg = torch.bmm(edge.rot.transpose(1, 2), msg)
-    return msg.new_zeros(edge.num_nodes, *msg.shape[1:]).index_add_(0, edge.dst, msg)
+    """Edge-frame messages [E, R, C] rotated back and summed into their centres: [N, (lmax+1)², C]."""
+    return ops.rotate_back_sum(msg, edge.rot, edge.dst, edge.num_nodes, row_first, row_length, edge.incidence)
 
 
 def _atom_edge_embeddings(num_elements: int, width: int) -> tuple[nn.Embedding, nn.Embedding]:
@@ -267,7 +160,7 @@ class SO2GraphAttention(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor, edge: EdgeData) -> torch.Tensor:
         """x [N, (lmax+1)², C], z [N] → [N, (lmax+1)², C_out]."""
         n_edges, node_values = edge.src.shape[0], x.numel()
-        x = threads.enter(x, 2 * n_edges * x.shape[1] * x.shape[2])  # edge-wise steps (potentials.nn.threads)
+        x = accel.mark_steps(x, 2 * n_edges * x.shape[1] * x.shape[2])  # edge-wise steps from here on
         scalars = edge_scalars(edge.radial, z, edge, self.source_embedding, self.target_embedding)
         msg = rotated_pairs(x, edge, self.row_first, self.row_length)
         msg, extra = self.conv_1(msg, scalars)
@@ -275,17 +168,17 @@ class SO2GraphAttention(nn.Module):
         msg = self.activation(extra[:, n_alpha:], msg)
         msg, _ = self.conv_2(msg)
         # attention weights: a chain of small steps on [E, H, A] and [E, H] (one thread where that is faster)
-        feats = threads.enter(extra[:, :n_alpha].reshape(n_edges, self.num_heads, self.alpha_channels))
+        feats = accel.mark_steps(extra[:, :n_alpha].reshape(n_edges, self.num_heads, self.alpha_channels))
         feats = self.alpha_act(self.alpha_norm(feats))
         logits = torch.einsum("eha,ha->eh", feats, self.alpha_dot)
         weight = envelope_softmax(logits, edge.envelope, edge.dst, edge.num_nodes)
         weight = self.alpha_dropout(weight) * edge.envelope.unsqueeze(-1)
-        weight = threads.enter(weight, msg.numel())
+        weight = accel.mark_steps(weight, msg.numel())
         n_rows = msg.shape[1]
         msg = msg.reshape(n_edges, n_rows, self.num_heads, self.value_channels) * weight[:, None, :, None]
         msg = msg.reshape(n_edges, n_rows, self.num_heads * self.value_channels)
         out = rotated_back_sum(msg, edge, self.row_first, self.row_length)
-        return self.proj(threads.enter(out, node_values))
+        return self.proj(accel.mark_steps(out, node_values))
 
 
 class EdgeDegreeEmbedding(nn.Module):

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from potentials import accel
 from potentials.models.base import EnergyModel
 from potentials.models.equiformer.attention import EdgeData, EdgeDegreeEmbedding, SO2GraphAttention
 from potentials.models.equiformer.grid import S2Grid
@@ -37,7 +38,6 @@ from potentials.models.equiformer.layers import (
     GraphDropPath,
 )
 from potentials.models.equiformer.so3 import EdgeRotation, num_coefficients
-from potentials.nn import threads
 from potentials.nn.radial import GaussianBasis, PolynomialEnvelope
 
 NUM_ELEMENTS = 119
@@ -239,7 +239,7 @@ class EquiformerV2(EnergyModel):
         edge = self.edge_data(graph.edge_index, edge_vec, n)
         x0 = self.embedding(z).unsqueeze(1)
         x = torch.cat([x0, x0.new_zeros(n, num_coefficients(self.lmax) - 1, self.channels)], dim=1)
-        x = threads.enter(x + self.edge_degree(z, edge))  # node-wise steps from here on (see potentials.nn.threads)
+        x = accel.mark_steps(x + self.edge_degree(z, edge))  # node-wise steps from here on
         num_graphs = 1
         if self.training and any(b.drop_path.p > 0 for b in self.blocks):
             num_graphs = int(batch.max()) + 1 if n else 0

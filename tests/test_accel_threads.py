@@ -1,4 +1,4 @@
-"""Small steps on one thread under the passive OpenMP wait policy (potentials.nn.threads)."""
+"""Small steps on one thread under the passive OpenMP wait policy (potentials.accel.threads)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import ase.build
 import pytest
 import torch
 
+from potentials.accel import threads
 from potentials.graph import AtomicGraph
 from potentials.models.base import EnergyModel
 from potentials.models.equiformer import EquiformerV2
-from potentials.nn import threads
 from potentials.potential import Potential
 
 

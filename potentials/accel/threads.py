@@ -2,32 +2,20 @@
 
 With the passive wait policy — the setting for machines shared with other jobs, where spinning threads slow every
 process down — OpenMP threads go to sleep as soon as a parallel operation ends, and each parallel operation then
-waits for them to wake: 50–100 µs here, whatever its size.  PyTorch runs an element-wise operation in parallel
-from 32 768 numbers on and MKL a matrix product of any size, so a model on a few dozen atoms pays that wait several
-hundred times per step: an EquiformerV2 force evaluation of 64 Si atoms ran ~560 parallel regions per step, and 20 %
-of its time was waiting (132 ms passive against 106 ms with spinning threads).  The same node-wise block (layer
-norm, two degree-wise linear maps, SiLU; forward and backward) on 2 threads, passive, against 1 thread:
+waits for them to wake, whatever its size.  PyTorch runs an element-wise operation in parallel from 32 768 numbers
+on and MKL a matrix product of any size, so a model on a few dozen atoms pays that wait hundreds of times per step;
+below a size, one thread is faster than several (docs/performance.md).
 
-=====  ==================  ==========  ==========
-atoms  numbers per tensor  2 threads   1 thread
-=====  ==================  ==========  ==========
-64     36 864              3.0 ms      1.1 ms
-256    147 456             4.5 ms      2.5 ms
-512    294 912             5.7 ms      4.8 ms
-1024   589 824             8.7 ms      9.7 ms
-=====  ==================  ==========  ==========
-
-(with spinning threads 2 threads win at every size: 1.4 against 1.6 ms at 64 atoms).
-
-So a model marks where its steps change size: :func:`enter` on the tensor that flows into the next steps, with
-the number of values they work on.  Inside :func:`small_steps_serial` (which :class:`~potentials.potential.
-Potential` opens for force and stress evaluations that do not keep the graph), steps on at most
-:func:`serial_threshold` values run on one thread, larger ones on the caller's thread count.  The switches are
-autograd functions, so the backward pass switches at the same points, in reverse.  Results are the same either way
-up to the summation order of parallel reductions; only the time differs.  Outside that context (training, direct
-calls of a model), on GPUs, in threads other than the main one (a thread count set there would become the
-default of threads started meanwhile), and with any other wait policy, :func:`enter` returns its argument untouched.
-``OMP_WAIT_POLICY`` is read as the process's environment has it (libgomp reads it once, when it is loaded).
+So a model marks where its steps change size: :func:`enter` (``potentials.accel.mark_steps``) on the tensor that
+flows into the next steps, with the number of values they work on.  Inside :func:`small_steps_serial` (which
+:class:`~potentials.potential.Potential` opens for force and stress evaluations that do not keep the graph), steps
+on at most :func:`serial_threshold` values run on one thread, larger ones on the caller's thread count.  The
+switches are autograd functions, so the backward pass switches at the same points, in reverse.  Results are the same
+either way up to the summation order of parallel reductions; only the time differs.  Outside that context
+(training, direct calls of a model), on GPUs, in threads other than the main one (a thread count set there would
+become the default of threads started meanwhile), and with any other wait policy, :func:`enter` returns its argument
+untouched.  ``OMP_WAIT_POLICY`` is read as the process's environment has it (libgomp reads it once, when it is
+loaded).
 """
 
 from __future__ import annotations
@@ -38,7 +26,7 @@ import threading
 
 import torch
 
-#: default threshold (numbers per tensor) with the passive wait policy: about where one and two threads meet above
+#: default threshold (numbers per tensor) with the passive wait policy: about where one and two threads break even
 DEFAULT_SERIAL_BELOW = 1 << 19
 
 _local = threading.local()

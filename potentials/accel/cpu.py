@@ -1,37 +1,28 @@
-"""Compiled CPU kernels, built on first use with the machine's C++ compiler: the fused S² grid activation, the
-grid MLP's point-wise steps and the rotations of the message passing (into the edge frames and back).
+"""The compiled CPU backend of the reference operations (:mod:`potentials.accel.ops`): ``kernels="cpu"``.
 
-Why.  EquiformerV2's S² activation maps every edge's coefficients to values on a sphere grid, applies SiLU and
-maps back: for 500 Cu atoms that is 21 000 edges × 64 channels × 42 grid points, 56 M values per layer, each
-written to memory and read back by several tensor operations (and more in the gradient).  The kernel in
-``grid_kernels.cpp`` does the whole round trip for one tile of channels of one edge at a time, with the grid values
-in the L1 cache, directly on the [B, K, C] layout (no transposed copies).  Measured on that Cu500 layer (float32,
-2 threads): forward 71 → 26 ms, gradient 104 → 35 ms, the gradient's derivative (training on forces) 240 → 63 ms.
-Likewise each layer's message input, bmm(rot, [x_src, x_dst]) per edge, is computed from the node features without
-the gathered [E, K, 2C] copy, reading only the degree blocks of the rotation (35 of 81 entries at lmax 2), and its
-gradient node by node (no scattered additions): 20 → 7 ms forward, 64 → 24 ms with the gradient on that layer;
-and the messages are rotated back and summed into their centres node by node (12–16 → 6–7 ms with the gradient).
-Both are bilinear, and so are their gradients: the derivatives of any order are these kernels again (see
-``potentials.models.equiformer.attention``).
+``grid_kernels.cpp`` holds the fused S² grid activation with its gradient and the gradient's derivative, the grid
+MLP's point-wise steps around its channel-mixing product, and the rotations of the message passing (node pairs into
+the edge frames, messages back into their centres) with their gradients.  Each works on one row's (or node's) data
+at a time, in the cache, on the tensors' own layout: no grid values or gathered pairs are written to memory.  The
+rotations and their gradients are bilinear, so derivatives of any order are these kernels again.
 
 Build.  ``c++ -O3 -march=native -fopenmp -shared`` into a cache folder (``$POTENTIALS_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/potentials/kernels``, else ``~/.cache/potentials/kernels``), keyed by a hash of the source, the
 compiler's version, the flags and the CPU's features, so a shared home folder never hands one machine another's
-build; about a second, once.  The compiler is ``$CXX`` if set, else ``c++``; a compiler that rejects
+build; once per machine.  The compiler is ``$CXX`` if set, else ``c++``; a compiler that rejects
 ``-march=native`` or ``-fopenmp`` gets a build without them (a serial one without OpenMP).  The library links
 libgomp by its soname; with PyTorch's wheels, which ship ``libgomp.so.1``, that is the runtime PyTorch has loaded
 (a PyTorch built on another OpenMP runtime would bring a second thread pool).  It runs on
 ``torch.get_num_threads()`` threads.
 
-Fallback.  On GPU tensors or other dtypes, and with ``POTENTIALS_KERNELS=off``, callers use their
-tensor-operation path, which computes the same values (to round-off: the kernel's exp is its own, within 2–3 ulp).
-When the kernels cannot be built (no compiler, no writable cache folder, compiler errors) that path is used too, and
-a warning says why, once.
+The kernels compute the reference's values to round-off (their exp is their own, within 2–3 ulp).  When they cannot
+be built (no compiler, no writable cache folder, compiler errors), :func:`unavailable_reason` says why and the
+``kernels`` choice decides (:mod:`potentials.accel.backends`): ``"auto"`` warns once and runs the reference,
+``"cpu"`` raises.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import logging
@@ -40,9 +31,12 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from potentials.accel import backends, ops
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +47,7 @@ FLAG_SETS = (FLAGS, tuple(f for f in FLAGS if f != "-march=native"),
              tuple(f for f in FLAGS if f not in ("-march=native", "-fopenmp")))
 
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
-_state: dict = {"lib": None, "error": None, "tried": False, "disabled": 0}
+_state: dict = {"lib": None, "error": None, "tried": False}
 
 
 class GridKernels:
@@ -216,15 +210,15 @@ def _check(dtype: torch.dtype, **operands: tuple[torch.Tensor, tuple[int, ...]])
                              f"got {tuple(t.shape)} {t.dtype} on {t.device} (contiguous: {t.is_contiguous()})")
 
 
-def grid_kernels(*tensors: torch.Tensor) -> GridKernels | None:
-    """The compiled kernels if they apply to ``tensors`` (all on the CPU, float32 or float64, one dtype) and can be
-    built here; None otherwise (the caller then uses tensor operations)."""
-    if _state["disabled"] or os.environ.get("POTENTIALS_KERNELS", "on").lower() in ("off", "0", "false", "no"):
-        return None
-    if not tensors or any(t.device.type != "cpu" or t.dtype != tensors[0].dtype for t in tensors):
-        return None
-    if tensors[0].dtype not in _DTYPES:
-        return None
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels apply to these floating-point operands: all on the CPU, float32 or float64, one dtype."""
+    return bool(tensors) and tensors[0].dtype in _DTYPES and all(
+        t.device.type == "cpu" and t.dtype == tensors[0].dtype for t in tensors)
+
+
+def load() -> GridKernels | None:
+    """The compiled kernels, built (or found built) and loaded on the first call; None if that failed
+    (:func:`unavailable_reason` says why)."""
     if not _state["tried"]:
         _state["tried"] = True
         try:
@@ -235,24 +229,12 @@ def grid_kernels(*tensors: torch.Tensor) -> GridKernels | None:
             _state["lib"] = GridKernels(lib)
         except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:
             _state["error"] = str(err)
-            log.warning("compiled CPU kernels unavailable, using tensor operations instead (same results, slower): "
-                        "%s", err)
     return _state["lib"]
 
 
 def unavailable_reason() -> str | None:
-    """Why the kernels could not be built (None if they were, or were not tried yet)."""
+    """Why the kernels cannot be used (None if they were built, or were not tried yet)."""
     return _state["error"]
-
-
-@contextlib.contextmanager
-def kernels_disabled():
-    """Within the block, :func:`grid_kernels` returns None (for comparing the two paths)."""
-    _state["disabled"] += 1
-    try:
-        yield
-    finally:
-        _state["disabled"] -= 1
 
 
 def cache_dir() -> Path:
@@ -327,3 +309,225 @@ def _cpu_features() -> str:
 
         return platform.processor() + platform.machine()
     return "\n".join(sorted({line for line in lines if line.startswith(("flags", "model name", "Features"))}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The operations of potentials.accel.ops on the kernels.  Each autograd function runs the kernels in its backward
+# pass too (whatever the choice is by then); a backward pass whose graph is kept (a derivative of higher order than
+# the kernels provide) uses the reference's differentiable formulas.
+
+
+class _GridSiLU(torch.autograd.Function):
+    """:func:`potentials.accel.ops.s2_activation` on the fused kernel."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, synthesis: torch.Tensor, analysis: torch.Tensor) -> torch.Tensor:
+        x, synthesis, analysis = x.contiguous(), synthesis.contiguous(), analysis.contiguous()
+        ctx.save_for_backward(x, synthesis, analysis)
+        return _kernels().forward(x, synthesis, analysis)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, synthesis, analysis = ctx.saved_tensors
+        return _GridSiLUGrad.apply(x, grad, synthesis, analysis), None, None
+
+
+class _GridSiLUGrad(torch.autograd.Function):
+    """The gradient of :class:`_GridSiLU` as a function of x and the output gradient (see
+    :class:`potentials.accel.ops.GridSiLUGrad`), and its own gradient, on the kernels."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, grad: torch.Tensor, synthesis: torch.Tensor, analysis: torch.Tensor
+                ) -> torch.Tensor:
+        grad = grad.contiguous()
+        ctx.save_for_backward(x, grad, synthesis, analysis)
+        return _kernels().backward(x, grad, synthesis, analysis)
+
+    @staticmethod
+    def backward(ctx, u: torch.Tensor):
+        x, grad, synthesis, analysis = ctx.saved_tensors
+        need_x, need_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # a graph of this backward pass is being built: differentiable operations
+            grad_x, grad_g = ops.grid_silu_second_derivatives(x, grad, u, synthesis, analysis, need_x, need_grad)
+        else:
+            grad_x, grad_g = _kernels().double_backward(x, grad, u.contiguous(), synthesis, analysis, need_x,
+                                                       need_grad)
+        return grad_x, grad_g, None, None
+
+
+class _GridMLPCore(torch.autograd.Function):
+    """:func:`potentials.accel.ops.grid_mlp_core` with its point-wise steps on the kernels, node-major ([B, G, C]),
+    in chunks of :attr:`KERNEL_CHUNK_VALUES` grid values; the channel-mixing product stays with the BLAS."""
+
+    #: grid values per chunk (16 MB in float32)
+    KERNEL_CHUNK_VALUES = 1 << 22
+    #: without a weight gradient (inference), the forward pass keeps the pre-activations for the backward pass (a
+    #: matrix product and a kernel less per layer) up to this many grid values (128 MB in float32, ~1800 atoms at
+    #: lmax 2 and 64 channels); above, the backward pass recomputes them
+    KEEP_VALUES = 1 << 25
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, synthesis: torch.Tensor, analysis: torch.Tensor, weight: torch.Tensor
+                ) -> torch.Tensor:
+        n, _, c = h.shape
+        kernels = _kernels()
+        h, synthesis, analysis = h.contiguous(), synthesis.contiguous(), analysis.contiguous()
+        ctx.save_for_backward(h, synthesis, analysis, weight)
+        out = h.new_empty(n, analysis.shape[0], c)
+        keep = not ctx.needs_input_grad[3] and n * synthesis.shape[0] * c <= _GridMLPCore.KEEP_VALUES
+        ctx.kept = [] if keep else None
+        for chunk in ops.chunks(n, synthesis.shape[0] * c, _GridMLPCore.KERNEL_CHUNK_VALUES):
+            a = kernels.mlp_to_grid(h[chunk], synthesis)
+            pre = torch.mm(a.view(-1, c), weight.T).view(a.shape)
+            out[chunk] = kernels.mlp_from_grid(pre, analysis)
+            if keep:
+                ctx.kept.append(pre)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, synthesis, analysis, weight = ctx.saved_tensors
+        n, _, c = h.shape
+        kept, ctx.kept = ctx.kept, None  # released with this pass, not with the graph
+        if torch.is_grad_enabled():  # a graph of this backward pass is being built: differentiable operations only
+            return ops.grid_mlp_core_backward(h, grad, synthesis, analysis, weight)
+        kernels = _kernels()
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[3] else None
+        grad, grad_h = grad.contiguous(), torch.empty_like(h)
+        for i, chunk in enumerate(ops.chunks(n, synthesis.shape[0] * c, _GridMLPCore.KERNEL_CHUNK_VALUES)):
+            if kept is not None:  # kept only without a weight gradient, which alone needs a
+                pre = kept[i]
+            else:
+                a = kernels.mlp_to_grid(h[chunk], synthesis)
+                pre = torch.mm(a.view(-1, c), weight.T).view(a.shape)
+            grad_pre = kernels.mlp_from_grid_backward(pre, grad[chunk], analysis)
+            if grad_weight is not None:  # not in inference (potentials.nn.grad_scope)
+                grad_weight.addmm_(grad_pre.view(-1, c).T, a.view(-1, c))
+            grad_a = torch.mm(grad_pre.view(-1, c), weight).view(pre.shape)
+            grad_h[chunk] = kernels.mlp_to_grid_backward(h[chunk], grad_a, synthesis)
+        return grad_h, None, None, grad_weight
+
+
+@dataclass(frozen=True)
+class _RotationOp:
+    """One of the two rotation kernels, both bilinear in their two arguments (a, w), w being block-diagonal like the
+    rotation (read in the columns ``first`` … ``first + length`` of each row only):
+
+    * ``"pairs"``: a = node features [N, K, C] → bmm(w, [a[src], a[dst]]) [E, R, 2C], without the gathered copy;
+    * ``"back"``: a = edge-frame messages [E, R, C] → Σ over each centre's edges of bmm(wᵀ, a), [N, K, C].
+
+    ``grad(g, a, w)`` gives the gradients (by a, by w) of ⟨g, value(a, w)⟩, by a kernel of its own (node by node where
+    it sums over edges, so no two threads add into one row).  Holds index tensors only (the autograd graph keeps it).
+    """
+
+    kind: str
+    src: torch.Tensor | None
+    dst: torch.Tensor
+    order: torch.Tensor
+    start: torch.Tensor
+    first: torch.Tensor
+    length: torch.Tensor
+
+    def value(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.kind == "pairs":
+            return _kernels().rotate_pairs(a, w, self.src, self.dst, self.first, self.length)
+        return _kernels().rotate_back_sum(a, w, self.order[1], self.start[1], self.first, self.length)
+
+    def grad(self, g: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "pairs":
+            return _kernels().rotate_pairs_backward(a, w, g, self.order, self.start, self.first, self.length)
+        return _kernels().rotate_back_sum_backward(a, w, g, self.dst, self.first, self.length)
+
+
+class _Rotation(torch.autograd.Function):
+    """y = op.value(a, w), differentiable to any order (training on forces included)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, w: torch.Tensor, op: _RotationOp) -> torch.Tensor:
+        a, w = a.contiguous(), w.contiguous()
+        ctx.save_for_backward(a, w)
+        ctx.op = op
+        return op.value(a, w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, w = ctx.saved_tensors
+        grad_a, grad_w = _RotationGrad.apply(grad, a, w, ctx.op)
+        return grad_a, grad_w, None
+
+
+class _RotationGrad(torch.autograd.Function):
+    """(∂/∂a, ∂/∂w) of ⟨g, op.value(a, w)⟩ = op.grad(g, a, w): linear in g, in a (the w-part) and in w (the a-part).
+
+    Its own gradient for incoming (u, v) closes the family: by g, value(u, w) + value(a, v); by a and w together,
+    grad(g, u, v) = (∂/∂a of ⟨g, value(·, v)⟩, ∂/∂w of ⟨g, value(u, ·)⟩) — both kernels again.
+    """
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, a: torch.Tensor, w: torch.Tensor, op: _RotationOp):
+        g, a, w = g.contiguous(), a.contiguous(), w.contiguous()
+        ctx.save_for_backward(g, a, w)
+        ctx.op = op
+        return op.grad(g, a, w)
+
+    @staticmethod
+    def backward(ctx, u: torch.Tensor, v: torch.Tensor):  # (autograd passes zeros for an unused output)
+        g, a, w = ctx.saved_tensors
+        grad_g = grad_a = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_g = _Rotation.apply(u, w, ctx.op) + _Rotation.apply(a, v, ctx.op)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_a, grad_w = _RotationGrad.apply(g, u, v, ctx.op)
+        return grad_g, grad_a, grad_w, None
+
+
+def _incidence(src: torch.Tensor, dst: torch.Tensor, num_nodes: int, given: ops.Incidence | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    order, start = given() if given is not None else ops.incidence(src, dst, num_nodes)
+    return order.long().contiguous(), start.long().contiguous()
+
+
+def rotate_pairs(x, rot, src, dst, row_first, row_length, incidence=None):
+    """:func:`potentials.accel.ops.rotate_pairs` on the kernels."""
+    order, start = _incidence(src, dst, x.shape[0], incidence)
+    op = _RotationOp("pairs", src.long().contiguous(), dst.long().contiguous(), order, start,
+                     row_first.long().contiguous(), row_length.long().contiguous())
+    return _Rotation.apply(x, rot, op)
+
+
+def rotate_back_sum(msg, rot, dst, num_nodes, row_first, row_length, incidence=None):
+    """:func:`potentials.accel.ops.rotate_back_sum` on the kernels."""
+    order, start = _incidence(dst, dst, num_nodes, incidence)  # (only the dst half is read)
+    op = _RotationOp("back", None, dst.long().contiguous(), order, start, row_first.long().contiguous(),
+                     row_length.long().contiguous())
+    return _Rotation.apply(msg, rot, op)
+
+
+def _kernels() -> GridKernels:
+    kernels = load()
+    if kernels is None:  # chosen by the dispatch only once built
+        raise RuntimeError(f"compiled CPU kernels unavailable: {unavailable_reason()}")
+    return kernels
+
+
+class _CpuBackend:
+    """The backend behind ``kernels="cpu"`` (and ``"auto"`` on CPU tensors)."""
+
+    OPS = {
+        "s2_activation": _GridSiLU.apply,
+        "grid_mlp_core": _GridMLPCore.apply,
+        "rotate_pairs": rotate_pairs,
+        "rotate_back_sum": rotate_back_sum,
+    }
+
+    def supports(self, *tensors: torch.Tensor) -> bool:
+        return supports(*tensors)
+
+    def unavailable_reason(self) -> str | None:
+        return None if load() is not None else unavailable_reason()
+
+    def implementation(self, op: str):
+        return self.OPS.get(op)
+
+
+backends.register("cpu", _CpuBackend())

@@ -15,7 +15,7 @@ import pytest
 PROBE = """
 import json, resource, sys
 import torch
-from potentials.runtime import tune_allocator
+from potentials.accel import tune_allocator
 applied = tune_allocator()
 for _ in range(20):
     torch.ones(16 << 20).sum()

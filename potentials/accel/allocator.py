@@ -1,20 +1,18 @@
-"""Process-wide settings that make CPU runs faster: keeping freed memory for reuse (glibc's allocator).
+"""Process-wide allocator settings for CPU runs: glibc keeps freed memory for reuse.
 
 Why.  A forward and backward pass on a few hundred atoms allocates and frees tensors of tens to hundreds of MB
 every step.  glibc serves each allocation above 128 kB (at most 32 MB) with a fresh ``mmap`` and gives it back to
-the kernel on ``free``; the next step's tensor then starts on new pages, and the kernel zeroes every 4 kB page on
-first touch.  For an EquiformerV2 step on 500 Cu atoms that was 400 000 page faults, 28 % of the step time (the
-same share for fairchem's eSCN-MD in the same process setting).  :func:`tune_allocator` asks glibc to serve large
-blocks from its heap and to keep freed memory there, so the pages are reused: no faults after the first step.
-(Threads other than the main one allocate from their own arenas, where glibc still maps blocks above 64 MB
-afresh; PyTorch's CPU operators allocate their outputs in the calling, usually main, thread.)
+the kernel on ``free``; the next step's tensor then starts on new pages, which the kernel zeroes on first touch, a
+page fault per 4 kB page.  :func:`tune_allocator` asks glibc to serve large blocks from its heap and to keep freed
+memory there, so the pages are reused: no faults after the first step.  (Threads other than the main one allocate
+from their own arenas, where glibc still maps blocks above 64 MB afresh; PyTorch's CPU operators allocate their
+outputs in the calling, usually main, thread.)
 
 The cost is memory: the process keeps its peak instead of returning it between steps — what a caching allocator
-(PyTorch's on CUDA, jemalloc, tcmalloc) does as well — plus fragmentation.  Measured: the EquiformerV2 step above
-keeps 2.3 GB resident (its peak); a loop that only allocates and frees one 64 MB tensor settles at 0.7 GB after
-about ten rounds and stays there.  ``POTENTIALS_MALLOC=system`` leaves glibc's defaults alone.  The same tuning
-from outside a process: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647
-MALLOC_TOP_PAD_=67108864`` (the benchmark harness sets these for every framework's worker).
+(PyTorch's on CUDA, jemalloc, tcmalloc) does as well — plus fragmentation.  ``POTENTIALS_MALLOC=system`` leaves
+glibc's defaults alone.  The same tuning from outside a process: ``MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_TOP_PAD_=67108864`` (the benchmark harness sets these for every
+framework's worker).
 """
 
 from __future__ import annotations

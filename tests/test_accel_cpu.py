@@ -1,15 +1,15 @@
-"""The compiled CPU kernels (potentials.nn.native): the same values as tensor operations, clear failures."""
+"""The compiled CPU kernels (potentials.accel.cpu): the same values as the reference operations, the build and its
+cache, clear failures."""
 
 from __future__ import annotations
-
-import logging
 
 import pytest
 import torch
 
-from potentials.models.equiformer.grid import GridSiLU, GridSiLUGrad, S2Grid
+from potentials import accel
+from potentials.accel import cpu, ops
+from potentials.models.equiformer.grid import S2Grid
 from potentials.models.equiformer.so3 import EdgeLayout
-from potentials.nn import native
 
 
 def _operands(dtype, rows=33, channels=70, scale=1.0):
@@ -27,19 +27,18 @@ def _operands(dtype, rows=33, channels=70, scale=1.0):
 
 
 def _kernels():
-    kernels = native.grid_kernels(torch.zeros(1))
-    assert kernels is not None, f"the kernels must build on this machine: {native.unavailable_reason()}"
+    kernels = cpu.load()
+    assert kernels is not None, f"the kernels must build on this machine: {cpu.unavailable_reason()}"
     return kernels
 
 
 def _tensor_path(x, grad, u, synthesis, analysis):
-    """Forward, gradient and the gradient's derivatives through the autograd functions without the kernels."""
-    with native.kernels_disabled():
-        x = x.clone().requires_grad_(True)
-        grad = grad.clone().requires_grad_(True)
-        out = GridSiLU.apply(x, synthesis, analysis)
-        first = GridSiLUGrad.apply(x, grad, synthesis, analysis)
-        second = torch.autograd.grad(first, (x, grad), u)
+    """Forward, gradient and the gradient's derivatives through the reference's autograd functions."""
+    x = x.clone().requires_grad_(True)
+    grad = grad.clone().requires_grad_(True)
+    out = ops.GridSiLU.apply(x, synthesis, analysis)
+    first = ops.GridSiLUGrad.apply(x, grad, synthesis, analysis)
+    second = torch.autograd.grad(first, (x, grad), u)
     return out.detach(), first.detach(), second
 
 
@@ -111,40 +110,37 @@ def test_kernels_reject_mismatched_operands():
         kernels.forward(x.transpose(1, 2), synthesis, analysis)
 
 
-def test_kernels_apply_only_to_cpu_float_tensors_of_one_dtype(monkeypatch):
-    assert native.grid_kernels(torch.zeros(2, dtype=torch.float16)) is None
-    assert native.grid_kernels(torch.zeros(2), torch.zeros(2, dtype=torch.float64)) is None
-    with native.kernels_disabled():
-        assert native.grid_kernels(torch.zeros(2)) is None
-    monkeypatch.setenv("POTENTIALS_KERNELS", "off")
-    assert native.grid_kernels(torch.zeros(2)) is None
+def test_kernels_apply_only_to_cpu_float_tensors_of_one_dtype():
+    assert cpu.supports(torch.zeros(2)) and cpu.supports(torch.zeros(2, dtype=torch.float64), torch.zeros(3, 4,
+                                                                                                     dtype=torch.float64))
+    assert not cpu.supports(torch.zeros(2, dtype=torch.float16))
+    assert not cpu.supports(torch.zeros(2), torch.zeros(2, dtype=torch.float64))
+    assert not cpu.supports(torch.zeros(2, device="meta"))
+    assert not cpu.supports()
 
 
-def test_build_is_cached_and_failures_fall_back_with_the_reason(monkeypatch, tmp_path, caplog):
+def test_build_is_cached_and_failures_give_the_reason(monkeypatch, tmp_path):
     monkeypatch.setenv("POTENTIALS_KERNEL_CACHE", str(tmp_path / "cache"))
-    first = native.build()
+    first = cpu.build()
     assert first.parent == tmp_path / "cache"
     stamp = first.stat().st_mtime_ns
-    assert native.build() == first and first.stat().st_mtime_ns == stamp  # found, not rebuilt
+    assert cpu.build() == first and first.stat().st_mtime_ns == stamp  # found, not rebuilt
 
     # a compiler error names the source and carries the compiler's message
     broken = tmp_path / "grid_kernels.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(cpu, "SOURCE", broken)
     with pytest.raises(RuntimeError, match="failed on grid_kernels.cpp"):
-        native.build()
+        cpu.build()
+    monkeypatch.setattr(cpu, "_state", {"lib": None, "error": None, "tried": False})
+    assert cpu.load() is None and "failed on grid_kernels.cpp" in cpu.unavailable_reason()
 
-    # no compiler: the kernels are reported missing once, and callers get None (tensor operations)
+    # no compiler: named as the reason (what "auto" and "cpu" make of it: tests/test_accel_ops.py)
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(native, "_state", {"lib": None, "error": None, "tried": False, "disabled": 0})
-    with caplog.at_level(logging.WARNING, logger="potentials.nn.native"):
-        assert native.grid_kernels(torch.zeros(1)) is None
-    assert "no C++ compiler found" in native.unavailable_reason()
-    assert "using tensor operations instead" in caplog.text
-    x, _, _, synthesis, analysis = _operands(torch.float64, rows=3, channels=4)
-    with native.kernels_disabled():
-        want = GridSiLU.apply(x, synthesis, analysis)
-    torch.testing.assert_close(GridSiLU.apply(x, synthesis, analysis), want, rtol=0, atol=0)
+    monkeypatch.setattr(cpu, "_state", {"lib": None, "error": None, "tried": False})
+    assert cpu.load() is None
+    assert "no C++ compiler found" in cpu.unavailable_reason()
+    assert cpu.load() is None and cpu._state["tried"]  # tried once
 
 
 def test_training_on_forces_takes_the_same_steps_with_and_without_the_kernels():
@@ -162,27 +158,26 @@ def test_training_on_forces_takes_the_same_steps_with_and_without_the_kernels():
     atoms.rattle(0.1, seed=0)
     graph = Batch.from_data_list([AtomicGraph.from_atoms(atoms, 4.0, dtype=torch.float64)])
 
-    def train(disabled: bool):
+    def train(kernels: str):
         torch.manual_seed(0)
         model = EquiformerV2(cutoff=4.0, avg_num_neighbors=20.0, num_layers=2, lmax=2, mmax=2, channels=16,
                              attn_hidden_channels=16, num_heads=2, attn_alpha_channels=8, attn_value_channels=8,
                              ffn_hidden_channels=16, edge_channels=16, num_basis=16)
-        potential = Potential(model, 4.0, scale=1.0).double().train()
+        potential = Potential(model, 4.0, scale=1.0, kernels=kernels).double().train()
         optimiser = torch.optim.SGD(potential.parameters(), lr=1e-2)
         losses = []
-        with native.kernels_disabled() if disabled else torch.enable_grad():
-            for _ in range(4):
-                out = potential(graph)
-                loss = (out["forces"] ** 2).sum() + (out["energy"] ** 2).sum() + (out["stress"] ** 2).sum()
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                losses.append(loss.item())
+        for _ in range(4):
+            out = potential(graph)
+            loss = (out["forces"] ** 2).sum() + (out["energy"] ** 2).sum() + (out["stress"] ** 2).sum()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(loss.item())
         return torch.tensor(losses), torch.cat([p.detach().flatten() for p in potential.parameters()])
 
     _kernels()
-    losses, params = train(disabled=False)
-    losses_ref, params_ref = train(disabled=True)
+    losses, params = train("cpu")
+    losses_ref, params_ref = train("torch")
     assert losses[-1] < losses[0]
     torch.testing.assert_close(losses, losses_ref, rtol=1e-12, atol=0)
     torch.testing.assert_close(params, params_ref, rtol=0, atol=1e-13)
@@ -247,8 +242,9 @@ def test_rotation_kernels_match_gather_rotation_and_sum(dtype, tol, lmax, mmax, 
     from potentials.models.equiformer.attention import rotated_pairs
 
     edge32 = EdgeData(src.int(), dst.int(), rot.detach(), None, None, n_nodes)
-    torch.testing.assert_close(rotated_pairs(x.detach(), edge32, first, length), want_pairs, rtol=tol,
-                               atol=tol * want_pairs.abs().max().item())
+    with accel.backend("cpu"):
+        got = rotated_pairs(x.detach(), edge32, first, length)
+    torch.testing.assert_close(got, want_pairs, rtol=tol, atol=tol * want_pairs.abs().max().item())
     with pytest.raises(ValueError, match="grad must be"):
         kernels.rotate_pairs_backward(x.detach(), rot.detach(), grad[:, :, :channels], order, start, first, length)
 
@@ -278,43 +274,13 @@ def test_rotation_kernels_are_differentiable_to_second_order(kind):
     def fn(values, vec):
         calls.append(1)
         edge = attention.EdgeData(src, dst, rotation(vec), None, None, n_nodes)
-        assert native.grid_kernels(values, edge.rot) is not None
-        return apply(values, edge, first, length)
+        with accel.backend("cpu"):  # the kernels, or an error
+            return apply(values, edge, first, length)
 
     _kernels()
     assert torch.autograd.gradcheck(fn, (values, vec))
     assert torch.autograd.gradgradcheck(fn, (values, vec))
     assert calls
-
-
-def test_inference_forces_and_stress_are_the_same_with_and_without_the_kernels(monkeypatch):
-    """Energy, forces and stress of an EquiformerV2 in inference (the rotation, activation and grid MLP kernels,
-    no parameter gradients) against the tensor-operation path, float64."""
-    import ase.build
-
-    from potentials.graph import AtomicGraph
-    from potentials.models.equiformer import EquiformerV2, attention
-    from potentials.potential import Potential
-
-    atoms = ase.build.bulk("Cu", "fcc", a=3.7, cubic=True).repeat((2, 1, 1))
-    atoms.numbers[[1, 3, 6]] = 13
-    atoms.rattle(0.1, seed=1)
-    graph = AtomicGraph.from_atoms(atoms, 4.0, dtype=torch.float64)
-    torch.manual_seed(0)
-    model = EquiformerV2(cutoff=4.0, avg_num_neighbors=20.0, num_layers=2, lmax=2, mmax=1, channels=16,
-                         attn_hidden_channels=16, num_heads=2, attn_alpha_channels=8, attn_value_channels=8,
-                         ffn_hidden_channels=16, edge_channels=16, num_basis=16)
-    potential = Potential(model, 4.0, scale=1.0).double().eval()
-    calls = []
-    fused = attention._Rotation.apply
-    monkeypatch.setattr(attention._Rotation, "apply", lambda a, w, op: calls.append(op.kind) or fused(a, w, op))
-    _kernels()
-    got = potential(graph)
-    with native.kernels_disabled():
-        want = potential(graph)
-    assert sorted(calls) == ["back", "back", "pairs", "pairs"]  # each kernel once per block: the fused path ran
-    for key in ("energy", "forces", "stress"):
-        torch.testing.assert_close(got[key], want[key], rtol=1e-12, atol=1e-13)
 
 
 def test_build_falls_back_to_portable_flags_and_rebuilds_a_broken_library(monkeypatch, tmp_path):
@@ -330,19 +296,18 @@ def test_build_falls_back_to_portable_flags_and_rebuilds_a_broken_library(monkey
     fussy.chmod(fussy.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("CXX", str(fussy))
     monkeypatch.setenv("POTENTIALS_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(native, "_state", {"lib": None, "error": None, "tried": False, "disabled": 0})
-    path = native.build()
+    monkeypatch.setattr(cpu, "_state", {"lib": None, "error": None, "tried": False})
+    path = cpu.build()
     assert path.exists()
     path.write_bytes(b"not a library")  # e.g. built by another machine's compiler
-    kernels = native.grid_kernels(torch.zeros(1))
-    assert kernels is not None, native.unavailable_reason()
+    kernels = cpu.load()
+    assert kernels is not None, cpu.unavailable_reason()
     x, _, _, synthesis, analysis = _operands(torch.float64, rows=3, channels=5)
-    with native.kernels_disabled():
-        want = GridSiLU.apply(x, synthesis, analysis)
+    want = ops.s2_activation.reference(x, synthesis, analysis)
     torch.testing.assert_close(kernels.forward(x, synthesis, analysis), want, rtol=1e-13, atol=1e-13)
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("POTENTIALS_KERNEL_CACHE", str(blocker / "kernels"))
     with pytest.raises(RuntimeError, match="POTENTIALS_KERNEL_CACHE"):
-        native.build()
+        cpu.build()
