@@ -28,6 +28,7 @@ from potentials.training.checkpointing import (
 )
 from potentials.training.loggers import resuming_logger_kwargs
 from potentials.training.module import PotentialModule
+from potentials.training.progress import plain_progress
 
 log = logging.getLogger("potentials")
 
@@ -112,6 +113,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                                    None if steps else every.get("every_n_minutes"))
     extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     callbacks = checkpoints + ([LearningRateMonitor("step")] if logger else []) + extra
+    # stdout not a terminal (a file, a batch job): progress as a log line per epoch instead of bar redraws
+    callbacks += plain_progress(callbacks, bool(cfg.trainer.get("enable_progress_bar", True)))
     plugins = list(instantiate(cfg.trainer.get("plugins")) or [])
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())  # every checkpoint written atomically: a kill never leaves half a file
