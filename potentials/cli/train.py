@@ -51,7 +51,7 @@ def train(cfg: DictConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None, subcommand: Sequence[str] = ()) -> None:
-    """Hydra's command line on ``argv`` (default ``sys.argv[1:]``), with ``conf/train.yaml`` of the package.
+    """Hydra's command line on ``argv`` (default ``sys.argv[1:]``), with the package's ``conf/train.yaml``.
 
     Args:
         argv: Hydra arguments: overrides and flags such as ``--help``, ``--cfg job``, ``--multirun``.
