@@ -5,10 +5,9 @@ WORKDIR /app
 RUN apt-get update && apt-get install -y --no-install-recommends git g++ && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
 COPY potentials ./potentials
-COPY conf ./conf
 COPY scripts ./scripts
-COPY train.py ./
 # Same steps as the README's set-up (scripts/setup.sh): CPU PyTorch first, then the package.
 RUN pip install --no-cache-dir "torch==2.13.0" \
  && pip install --no-cache-dir -e ".[dev]"
-ENTRYPOINT ["python", "train.py"]
+# `potentials train` with the configs shipped in the package; run directories land in /app/outputs
+ENTRYPOINT ["potentials", "train"]

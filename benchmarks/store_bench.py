@@ -11,8 +11,8 @@ Measures, on MPtrj-like frames (the 11 real frames of ``shared/data/mptrj``, rep
 * random-access reads: ``StoreDataset[i]`` in random order in one process, and a shuffled DataLoader with
   2 workers and batches of 8 collated by :func:`~potentials.datasets.collate.collate_graphs` (what training
   sees, collation and the transfer from the workers included);
-* how many structures per second EGNN (``conf/model/egnn.yaml``, the fastest model) trains on, batches of 8 from
-  the same store, forces and stress in the loss, 2 threads; the goal is reads ≥ 10× that;
+* how many structures per second EGNN (``potentials/conf/model/egnn.yaml``, the fastest model) trains on, batches
+  of 8 from the same store, forces and stress in the loss, 2 threads; the goal is reads ≥ 10× that;
 * a synthetic store of 100,000 frames (``<data_root>/bench/synthetic-100k``, kept for later use) and one of
   10,000, and the resident memory of a process that sets up the data module, computes the statistics and reads
   one full epoch through 2 workers from each: anonymous memory (what the process owns) and file-backed memory
@@ -140,11 +140,12 @@ def loader_reads(path: Path, seconds: float, workers: int = 2, batch_size: int =
 
 
 def egnn_training(path: Path, seconds: float, batch_size: int = 8) -> float:
-    """Structures/s of EGNN's training step (conf/model/egnn.yaml, default loss) on batches from the store."""
+    """Structures/s of EGNN's training step (``model=egnn``, default loss) on batches from the store."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
+    from potentials.conf import CONFIG_DIR
     from potentials.potential import Potential
     from potentials.training.run import register_resolvers
 
@@ -154,7 +155,7 @@ def egnn_training(path: Path, seconds: float, batch_size: int = 8) -> float:
     batches = list(DataLoader(torch.utils.data.Subset(ds, range(min(len(ds), 64 * batch_size))),
                               batch_size=batch_size, shuffle=True, collate_fn=collate_graphs))
     stats = ds.subset(np.arange(min(len(ds), 512))).cached_stats()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"cutoff={CUTOFF}"])
     with open_dict(cfg):
         cfg.data_stats = {"avg_num_neighbors": stats.avg_num_neighbors}
@@ -302,8 +303,8 @@ def render(report: dict) -> str:
         f"- **load average (1/5/15 min) at start / end**: {[round(x, 2) for x in report['load_average']['start']]} / "
         f"{[round(x, 2) for x in report['load_average']['end']]}",
         f"- **settings**: {s['frames']} frames per set, cutoff {s['cutoff']} Å, float32 stores, "
-        f"{s['seconds_per_rate']} s per rate; EGNN from conf/model/egnn.yaml, batch 8, forces + stress loss, "
-        "2 torch threads",
+        f"{s['seconds_per_rate']} s per rate; EGNN from potentials/conf/model/egnn.yaml, batch 8, "
+        "forces + stress loss, 2 torch threads",
         "",
         "## Conversion (`convert`, structures/s)",
         "",

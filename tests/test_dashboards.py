@@ -13,8 +13,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from potentials.conf import CONFIG_DIR
 from potentials.training.run import register_resolvers, run
-from tests.test_training import ROOT, SMALL_DATA
+from tests.test_training import SMALL_DATA
 from tests.tiny_model import single_thread
 
 FIGURES = ("energy_parity", "force_parity", "force_error_hist", "force_error_per_element")
@@ -23,7 +24,7 @@ FIGURES = ("energy_parity", "force_parity", "force_error_hist", "force_error_per
 def _train(run_dir: Path, logger: str, *overrides: str) -> dict:
     """Two epochs of a tiny EGNN on 24 EMT structures, logging to ``logger``; figures of the test split at the end."""
     register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[
             f"run_dir={run_dir}", f"data_root={run_dir / 'data'}", f"logger={logger}", "trainer.max_epochs=2",
             "trainer.max_time=null", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
@@ -108,7 +109,7 @@ def test_wandb_run_name_follows_hydra_choices_and_is_optional_without_hydra(tmp_
     from hydra.core.hydra_config import HydraConfig
 
     register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         plain = compose("train", overrides=["logger=wandb", "model=facet", f"run_dir={tmp_path}"])
         assert plain.logger.name is None  # compose API: no Hydra run, W&B picks the name
         full = compose("train", overrides=["logger=wandb", "model=facet", f"run_dir={tmp_path}"],

@@ -32,6 +32,7 @@ from tests.train_config import train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
+CLI = str(Path(sys.executable).with_name("potentials"))  # the installed `potentials` command
 SETTINGS = ["logger=csv", "trainer.max_epochs=2", "trainer.max_time=null", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1", "model.channels=8",
             "model.num_layers=1", "data.source.n_structures=22", "data.split.val=5", "data.split.test=4",
@@ -116,11 +117,14 @@ def test_loss_is_normalised_over_the_global_batch():
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data_root, single):
-    """`train.py trainer=ddp trainer.devices=2` (Lightning starts the second process) with batch 2 == 1 × batch 4."""
+    """`potentials train trainer=ddp trainer.devices=2` (Lightning reruns the command for the second process) with
+    batch 2 == 1 × batch 4."""
     run_dir, ranks = tmp_path / "ddp", tmp_path / "ranks"
-    cmd = [sys.executable, TRAIN, f"hydra.run.dir={run_dir}", f"data_root={data_root}", *SETTINGS, *TWO_PROCESSES,
+    cmd = [CLI, "train", f"hydra.run.dir={run_dir}", f"data_root={data_root}", *SETTINGS, *TWO_PROCESSES,
            "+callbacks.ranks._target_=tests.rank_state.SaveRankState", f"+callbacks.ranks.folder={ranks}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=TIMEOUT)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # `tests` for the callback
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(PYTHONPATH=path),
+                          timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_training(run_dir, single)
     rank0, rank1 = (torch.load(ranks / f"rank{r}.pt", weights_only=True) for r in (0, 1))

@@ -13,6 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from potentials.conf import CONFIG_DIR
 from potentials.training.run import register_resolvers, run
 from tests import oc20_samples as samples
 
@@ -35,7 +36,7 @@ QUIET = ["logger=csv", "trainer.enable_progress_bar=false", "trainer.max_time=nu
 
 def _compose(*overrides: str):
     register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=list(overrides))
 
 

@@ -16,6 +16,7 @@ from omegaconf import open_dict
 from torch_geometric.data import Batch
 
 from potentials.calculator import PotentialCalculator
+from potentials.conf import CONFIG_DIR
 from potentials.datasets import emt
 from potentials.graph import AtomicGraph
 from potentials.models.egnn import EGNN
@@ -29,7 +30,7 @@ SMALL_DATA = ["data.source.n_structures=24", "data.batch_size=4", "data.split.va
 
 def _config(tmp_path: Path, *overrides: str):
     register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=[f"run_dir={tmp_path}", f"data_root={tmp_path / 'data'}", "logger=csv",
                                            "trainer.enable_progress_bar=false", "trainer.max_time=null",
                                            "model.channels=16", "model.num_layers=2", *SMALL_DATA, *overrides])

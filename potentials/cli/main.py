@@ -1,4 +1,4 @@
-"""The ``potentials`` command: tools around trained models (training itself is ``python train.py``)."""
+"""The ``potentials`` command: training (``potentials train``, Hydra's command line) and tools around trained models."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="potentials", description=__doc__)
     parser.add_argument("--version", action="version", version=f"potentials {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    # listed here for the help only: main() hands `train` and everything after it to Hydra before argparse runs
+    sub.add_parser("train", add_help=False, help="train a potential: potentials train [group=option ...] [key=value "
+                   "...]; `potentials train --help` lists the config groups")
     relax.add_parser(sub)
     evaluate.add_parser(sub)
     md.add_parser(sub)
@@ -22,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from potentials.cli.train import main as train
+
+        train(argv[1:], subcommand=["train"])
+        return 0
     args = build_parser().parse_args(argv)
     tune_allocator()
     return int(args.func(args) or 0)

@@ -1,12 +1,12 @@
 """``potentials preprocess DATA_CONFIG OUT [KEY=VALUE ...]``: convert a dataset into a graph store on disk.
 
-DATA_CONFIG is a data config name from ``conf/data`` (``emt``, ``md17``, ``ase``, ...) or the path of such a
-yaml file. KEY=VALUE pairs override the data config the way ``data.KEY=VALUE`` does for ``train.py``
-(``path=...``, ``source.n_structures=100``; a leading ``data.`` is accepted too), except the shared top-level
-keys ``cutoff``, ``dtype``, ``seed``, ``data_root`` and ``run_dir`` (default: OUT, where an adapter's report of
-skipped records lands), which are set as in ``train.py``. The store holds the
-graphs at ``cutoff`` (Å) in ``dtype``. Rerunning an interrupted command resumes it; train with
-``python train.py data=store data.path=OUT``.
+DATA_CONFIG is a data config name from the package's ``potentials/conf/data`` (``emt``, ``md17``, ``ase``, ...) or
+the path of such a yaml file. KEY=VALUE pairs override the data config the way ``data.KEY=VALUE`` does for
+``potentials train`` (``path=...``, ``source.n_structures=100``; a leading ``data.`` is accepted too), except the
+shared top-level keys ``cutoff``, ``dtype``, ``seed``, ``data_root`` and ``run_dir`` (default: OUT, where an
+adapter's report of skipped records lands), which are set as in ``potentials train``. The store holds the graphs at
+``cutoff`` (Å) in ``dtype``. Rerunning an interrupted command resumes it; train with
+``potentials train data=store data.path=OUT``.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import yaml
 
-#: Top-level keys of conf/train.yaml that data configs interpolate; every other KEY belongs to the data config.
+from potentials.conf import CONFIG_DIR
+
+#: Top-level keys of train.yaml that data configs interpolate; every other KEY belongs to the data config.
 TOP_LEVEL_KEYS = ("cutoff", "dtype", "seed", "data_root", "run_dir")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def compose_data_config(spec: str, overrides: list[str], run_dir: str | None = None):
-    """The training config (``conf/train.yaml``) with ``data`` taken from ``spec`` and the overrides applied.
+    """The training config (``train.yaml`` of the package) with ``data`` taken from ``spec`` and the overrides applied.
 
     ``run_dir`` (which data configs may use for reports, e.g. of skipped records) defaults to the store directory.
 
@@ -63,9 +64,9 @@ def compose_data_config(spec: str, overrides: list[str], run_dir: str | None = N
         key = key.removeprefix("data.")
         (top if key in TOP_LEVEL_KEYS else data).append((key, value))
     path = Path(spec)
-    in_tree = path.suffix in (".yaml", ".yml") and path.resolve().parent == CONF_DIR / "data"
+    in_tree = path.suffix in (".yaml", ".yml") and path.resolve().parent == CONFIG_DIR / "data"
     name = path.stem if in_tree or path.suffix not in (".yaml", ".yml") else None
-    choices = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+    choices = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
     if name is None and not path.is_file():
         raise SystemExit(f"error: data config file {spec} not found")
     if name is not None and name not in choices:
@@ -75,12 +76,13 @@ def compose_data_config(spec: str, overrides: list[str], run_dir: str | None = N
     hydra_overrides = [f"{k}={v}" for k, v in top] + ([f"data={name}"] if name else [])
     hydra_overrides += [f"data.{k}={v}" for k, v in data] if name else []
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose("train", overrides=hydra_overrides)
         if name is None:
             loaded = OmegaConf.load(path)
             if "defaults" in loaded:
-                raise SystemExit(f"error: {spec} has a defaults list; put it in {CONF_DIR / 'data'} and give its name")
+                raise SystemExit(f"error: {spec} has a defaults list, which a data config given as a path cannot use; "
+                                 "write the values it pulls in into the file")
             with open_dict(cfg):
                 cfg.data = loaded
             OmegaConf.set_struct(cfg, True)
@@ -138,6 +140,6 @@ def main(args: argparse.Namespace) -> int:
     if manifest["num_skipped"] > 10:
         print(f"  ... all listed in {Path(args.out) / 'manifest.json'}")
     print(f"time            {seconds:.1f} s")
-    print(f"train with      python train.py data=store data.path={args.out}")
+    print(f"train with      potentials train data=store data.path={args.out}")
     return 0
 

@@ -29,6 +29,7 @@ from potentials.training.checkpointing import (
 )
 from potentials.training.loggers import resuming_logger_kwargs
 from potentials.training.module import PotentialModule
+from potentials.training.progress import plain_progress
 
 log = logging.getLogger("potentials")
 
@@ -79,7 +80,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, PotentialModule]:
         raise PotentialsInputError(f"model.cutoff={model_cutoff} Å differs from cutoff={cfg.cutoff} Å, the radius the "
                                    "neighbour lists are built with; set the top-level cutoff only")
     potential = Potential(model, cfg.cutoff, atomic_energies=stats.atomic_energies, scale=stats.force_rms,
-                          kernels=cfg.get("kernels", "auto"))
+                          kernels=cfg.kernels)
     potential = potential.to(dtype)
     t = cfg.training
     module = PotentialModule(
@@ -117,6 +118,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                                    None if steps else every.get("every_n_minutes"))
     extra = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     callbacks = checkpoints + ([LearningRateMonitor("step")] if logger else []) + extra
+    # stdout not a terminal (a file, a batch job): progress as a log line per epoch instead of bar redraws
+    callbacks += plain_progress(callbacks, bool(cfg.trainer.get("enable_progress_bar", True)))
     plugins = list(instantiate(cfg.trainer.get("plugins")) or [])
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())  # every checkpoint written atomically: a kill never leaves half a file

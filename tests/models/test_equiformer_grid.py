@@ -3,8 +3,6 @@ resolution, and the whole model's rotation error at the default resolution (forc
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import ase.build
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from e3nn import o3
 from scipy.spatial.transform import Rotation
 from torch_geometric.data import Batch
 
+from potentials.conf import CONFIG_DIR
 from potentials.graph import AtomicGraph
 from potentials.models.equiformer import EquiformerV2
 from potentials.models.equiformer.grid import S2Grid, SeparableS2Activation
@@ -107,7 +106,7 @@ def test_model_rotation_error_at_default_resolution(lmax, channels):
 
 def test_shipped_preset_rotation_error_at_default_resolution():
     """``model=equiformer_v2`` exactly as configured (lmax 3, 32 channels, 3 blocks) meets the 1e-4 target."""
-    cfg = yaml.safe_load((Path(__file__).parents[2] / "conf" / "model" / "equiformer_v2.yaml").read_text())
+    cfg = yaml.safe_load((CONFIG_DIR / "model" / "equiformer_v2.yaml").read_text())
     assert cfg.pop("_target_") == "potentials.models.equiformer.EquiformerV2"
     assert cfg["grid_resolution"] is None and cfg["edge_grid_resolution"] is None
     cfg.update(cutoff=CUTOFF, avg_num_neighbors=20.0)

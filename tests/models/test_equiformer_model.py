@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import ase
 import ase.build
 import numpy as np
@@ -16,12 +14,13 @@ from scipy.spatial.transform import Rotation
 from torch_geometric.data import Batch, Data
 
 from potentials.calculator import PotentialCalculator
+from potentials.conf import CONFIG_DIR
 from potentials.graph import AtomicGraph
 from potentials.models.base import EnergyModel
 from potentials.models.equiformer import EquiformerV2
 from potentials.potential import Potential
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+CONF = CONFIG_DIR / "model"
 CUTOFF = 4.0
 SMALL = dict(num_layers=2, lmax=2, mmax=1, channels=8, attn_hidden_channels=8, num_heads=2, attn_alpha_channels=4,
              attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8, num_basis=8)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import ase
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from omegaconf import OmegaConf
 from scipy.spatial.transform import Rotation
 from torch_geometric.data import Batch
 
+from potentials.conf import CONFIG_DIR
 from potentials.graph import AtomicGraph
 from potentials.models.facet import Facet
 from potentials.models.facet.radial import BesselMLPRadial, SplineRadial
@@ -21,7 +20,7 @@ from tests.test_model_contract import _bulk as _alloy
 from tests.test_model_contract import _molecule, _rotated
 
 CUTOFF = 4.0
-CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+CONF = CONFIG_DIR / "model"
 VARIANTS = [("spline", "grid"), ("spline", "gate"), ("mlp", "grid"), ("mlp", "gate")]
 
 
