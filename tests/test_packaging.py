@@ -33,7 +33,7 @@ def test_every_config_yaml_is_package_data(monkeypatch):
     yamls = {p.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.rglob("*.yaml")}
     assert {"train.yaml", "data/emt.yaml", "model/egnn.yaml", "trainer/default.yaml", "logger/csv.yaml"} <= yamls
     assert yamls <= shipped["potentials.conf"], sorted(yamls - shipped["potentials.conf"])
-    assert "grid_kernels.cpp" in shipped["potentials.nn"]
+    assert "grid_kernels.cpp" in shipped["potentials.accel"]
     assert CONFIG_DIR == ROOT / "potentials" / "conf" and not (ROOT / "conf").exists()
 
 
