@@ -98,7 +98,6 @@ def equation_of_state(atoms: ase.Atoms, calc, *, volume_range: float = 0.05, poi
     atoms = atoms.copy()
     if mode == "auto":
         mode = "isotropic" if is_cubic(atoms) else "relaxed"
-    v_ref = atoms.get_volume()
     volumes, energies = [], []
     for s in np.linspace(-volume_range, volume_range, points):
         sample = atoms.copy()

@@ -7,6 +7,7 @@ reported as negative numbers (phonopy's convention). Thermal properties are per 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,15 +153,17 @@ def phonons(atoms: ase.Atoms, calc, supercell=(3, 3, 3), *, method: str = "auto"
         raise ValueError("phonons need a structure periodic in all three directions")
     matrix = np.asarray(supercell, dtype=int)
     matrix = np.diag(matrix) if matrix.shape == (3,) else matrix
-    ph = Phonopy(to_phonopy_atoms(atoms), supercell_matrix=matrix, primitive_matrix=primitive_matrix,
-                 symprec=symprec)
+    with warnings.catch_warnings():
+        # the notice that phonopy's default changed to "auto": chosen here on purpose, and documented
+        warnings.filterwarnings("ignore", message="primitive_matrix defaulted")
+        ph = Phonopy(to_phonopy_atoms(atoms), supercell_matrix=matrix, primitive_matrix=primitive_matrix,
+                     symprec=symprec)
     used, evaluations = force_constants(ph, calc, method=method, displacement=displacement)
 
     segments, connections, labels, special = band_path(np.asarray(ph.primitive.cell), npoints)
     ph.run_band_structure(segments, path_connections=connections)
-    bands = ph.get_band_structure_dict()
-    distances = [np.asarray(d) for d in bands["distances"]]
-    frequencies = [np.asarray(f) for f in bands["frequencies"]]
+    distances = [np.asarray(d) for d in ph.band_structure.distances]
+    frequencies = [np.asarray(f) for f in ph.band_structure.frequencies]
     # label positions: the start of each branch, then the end of every segment
     positions = []
     for k, d in enumerate(distances):
@@ -172,12 +175,14 @@ def phonons(atoms: ase.Atoms, calc, supercell=(3, 3, 3), *, method: str = "auto"
         if name in labels:
             ph.run_qpoints([q])
             points.append({"label": name, "q": q.tolist(),
-                           "frequencies_THz": ph.get_qpoints_dict()["frequencies"][0].tolist()})
-    ph.run_mesh(mesh)
+                           "frequencies_THz": np.asarray(ph.qpoints.frequencies)[0].tolist()})
+    ph.run_mesh(mesh, is_gamma_center=True)
     ph.run_total_dos()
-    dos = {k: np.asarray(v) for k, v in ph.get_total_dos_dict().items()}
-    ph.run_thermal_properties(t_min=t_min, t_max=t_max, t_step=t_step)
-    thermal = {k: np.asarray(v) for k, v in ph.get_thermal_properties_dict().items()}
+    dos = {"frequency_points": np.asarray(ph.total_dos.frequency_points), "total_dos": np.asarray(ph.total_dos.dos)}
+    # the three zero-frequency acoustic modes at Γ carry no heat; left in, round-off makes them add ln(ω) terms
+    ph.run_thermal_properties(t_min=t_min, t_max=t_max, t_step=t_step, exclude_gamma_acoustic=True)
+    tp = ph.thermal_properties
+    thermal = {k: np.asarray(getattr(tp, k)) for k in ("temperatures", "free_energy", "entropy", "heat_capacity")}
     return PhononResult(ph, used, evaluations, labels, positions, distances, frequencies, points, dos, thermal,
                         connections)
 
