@@ -131,7 +131,7 @@ def test_model_phonons_hessian_and_displacements_agree(cu_model):
     kwargs = {"mesh": (4, 4, 4), "t_max": 100, "t_step": 50, "npoints": 11}
     by_hessian = phonons(atoms, calc, (2, 2, 2), method="hessian", **kwargs)
     by_displacements = phonons(atoms, calc, (2, 2, 2), method="displacements", **kwargs)
-    assert by_hessian.n_evaluations == 1 and by_displacements.n_evaluations >= 1
+    assert by_hessian.n_evaluations == 3 and by_displacements.n_evaluations == 2  # rows; ± one displacement
     for a, b in zip(by_hessian.frequencies, by_displacements.frequencies, strict=True):
         np.testing.assert_allclose(a, b, atol=0.01)
     assert max(f.max() for f in by_hessian.frequencies) > 1.0  # a real spectrum, THz

@@ -124,7 +124,8 @@ def phonons_main(args: argparse.Namespace) -> int:
     save(plot_bands(result, title), out / "phonons.png")
     save(plot_thermal(result, title), out / "thermal.png")
     print(f"phonons of {atoms.get_chemical_formula()}: {len(result.phonopy.supercell)}-atom supercell, force "
-          f"constants by {result.method} ({result.n_evaluations} evaluations)")
+          f"constants by {result.method} ({result.n_evaluations} "
+          f"{'displaced supercells' if result.method == 'displacements' else 'Hessian rows'})")
     for point in result.special_points:
         freqs = " ".join(f"{f:.3f}" for f in point["frequencies_THz"][:6])
         print(f"  {point['label']:<3} {freqs}{' ...' if len(point['frequencies_THz']) > 6 else ''} THz")

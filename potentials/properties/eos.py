@@ -112,14 +112,15 @@ def equation_of_state(atoms: ase.Atoms, calc, *, volume_range: float = 0.05, poi
 
 
 def plot_eos(volumes, energies, fit: dict[str, float], title: str = "", *, label: str = "model",
-             reference: tuple[np.ndarray, np.ndarray, dict[str, float]] | None = None):
+             reference: tuple[np.ndarray, np.ndarray, dict[str, float]] | None = None,
+             reference_label: str = "reference"):
     """E(V) samples with their Birch–Murnaghan curve; ``reference`` (volumes, energies, fit) drawn beside."""
     from potentials.plots import BLUE, ORANGE, _figure, _note
 
     fig, ax = _figure()
     sets = [(volumes, energies, fit, label, BLUE)]
     if reference is not None:
-        sets.append((*reference, "reference", ORANGE))
+        sets.append((*reference, reference_label, ORANGE))
     notes = []
     for v, e, f, name, color in sets:
         v = np.asarray(v, float)

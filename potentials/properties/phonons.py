@@ -22,7 +22,10 @@ HESSIAN_ROW_COST = 2.0
 
 @dataclass
 class PhononResult:
-    """Force constants and what phonopy derives from them (frequencies THz, energies kJ/mol, J/K/mol)."""
+    """Force constants and what phonopy derives from them (frequencies THz, energies kJ/mol, J/K/mol).
+
+    ``n_evaluations``: displaced supercells, or Hessian rows (see :func:`force_constants`).
+    """
 
     phonopy: Any
     method: str
@@ -45,7 +48,7 @@ class PhononResult:
         """JSON-ready record: settings, frequencies on the path and at its special points, DOS, thermal data."""
         ph = self.phonopy
         return {
-            "method": self.method, "force_evaluations": self.n_evaluations,
+            "method": self.method, "evaluations": self.n_evaluations,
             "supercell_matrix": np.asarray(ph.supercell_matrix).tolist(),
             "primitive_cell_A": np.asarray(ph.primitive.cell).tolist(),
             "primitive_symbols": list(ph.primitive.symbols), "atoms_in_supercell": len(ph.supercell),
@@ -77,7 +80,10 @@ def to_ase(cell) -> ase.Atoms:
 
 
 def force_constants(ph, calc, *, method: str = "auto", displacement: float = 0.01) -> tuple[str, int]:
-    """Set ``ph.force_constants`` (eV/Å²) from ``calc``; returns the method used and the force evaluations made.
+    """Set ``ph.force_constants`` (eV/Å²) from ``calc``; returns the method used and its count of evaluations.
+
+    The count is of displaced supercells (displacements), of Hessian rows (autograd: one force evaluation kept
+    for a second derivative, then one backward pass per row) or of force evaluations (central differences).
 
     ``"hessian"``: rows of the supercell Hessian for the primitive cell's atoms (phonopy's compact form; autograd
     for a :class:`~potentials.calculator.PotentialCalculator`, central differences otherwise). ``"displacements"``:
@@ -101,7 +107,7 @@ def force_constants(ph, calc, *, method: str = "auto", displacement: float = 0.0
         n = len(supercell)
         ph.force_constants = h.reshape(len(rows), 3, n, 3).transpose(0, 2, 1, 3)
         autograd = isinstance(calc, PotentialCalculator)
-        return method, 1 if autograd else 6 * len(rows)
+        return method, 3 * len(rows) if autograd else 6 * len(rows)
     forces = []
     for cell in supercells:
         atoms = to_ase(cell)
