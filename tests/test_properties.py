@@ -67,6 +67,20 @@ def test_elastic_constants_of_emt_copper(emt_elastic):
     assert s["shear_modulus_GPa"]["hill"] == pytest.approx((g_v + g_r) / 2)
 
 
+def test_elastic_constants_in_the_conventional_axes(emt_elastic, tmp_path):
+    # a CIF loses the orientation: the primitive fcc cell comes back with a along x, and C in that frame is not cubic
+    ase.io.write(tmp_path / "cu.cif", ase.build.bulk("Cu", "fcc", a=3.6))
+    turned = ase.io.read(tmp_path / "cu.cif")
+    as_read = elastic_constants(turned, EMT()).c
+    assert abs(as_read[0, 3]) > 10.0  # an xx-yz coupling no cubic crystal has in its own axes
+    result = elastic_constants(turned, EMT(), standardize=True)
+    assert len(result.atoms) == 4 and result.summary()["standardized"]
+    np.testing.assert_allclose(result.c, emt_elastic.c, atol=1e-6)
+    # the same crystal, either way: the bulk modulus does not depend on the frame (to the cell relaxation's tolerance)
+    assert emt_elastic.summary()["bulk_modulus_GPa"]["voigt"] == pytest.approx(
+        elastic_constants(turned, EMT()).summary()["bulk_modulus_GPa"]["voigt"], rel=1e-3)
+
+
 def test_engineering_shear_and_unstable_tensor():
     eps = strain_matrix(3, 0.02)  # yz: γ = 0.02 is ε_yz = ε_zy = 0.01
     assert eps[1, 2] == eps[2, 1] == 0.01 and VOIGT[3] == (1, 2)
@@ -156,12 +170,14 @@ def test_property_commands_write_json_and_figures(cu_model, tmp_path, capsys):
     assert (out / "phonons.png").stat().st_size > 1000 and (out / "thermal.png").stat().st_size > 1000
 
     out = tmp_path / "elastic"
-    assert main(["elastic", str(cu_model), str(structure), "--out", str(out)]) == 0
+    assert main(["elastic", str(cu_model), str(structure), "--standardize", "--out", str(out)]) == 0
     record = json.loads((out / "elastic.json").read_text())
     assert np.array(record["C_GPa"]).shape == (6, 6) and record["voigt_order"] == ["xx", "yy", "zz", "yz", "xz", "xy"]
     for key in ("bulk_modulus_GPa", "shear_modulus_GPa"):
         assert set(record[key]) == {"voigt", "reuss", "hill"}
     assert record["relaxed_cell"] and "born_stable" in record and len(record["lattice_parameters"]) == 6
+    c = np.array(record["C_GPa"])
+    assert record["standardized"] and record["n_atoms"] == 4 and abs(c[0, 0] - c[1, 1]) < 1e-6 * abs(c[0, 0])
     assert (out / "elastic.png").stat().st_size > 1000
 
     out = tmp_path / "eos"

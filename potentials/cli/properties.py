@@ -61,6 +61,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _common(p, "elastic")
     p.add_argument("--strain", type=float, default=0.005, help="size of the ± strains (default 0.005)")
     p.add_argument("--no-relax", action="store_true", help="use the cell as given (no zero-stress relaxation)")
+    p.add_argument("--standardize", action="store_true",
+                   help="use the standard conventional cell (spglib), so that C is in the crystal's conventional axes; "
+                        "otherwise C is in the Cartesian frame of the file (a CIF puts a along x)")
     p.add_argument("--clamped-ions", action="store_true", help="no relaxation of the atoms at each strain")
     p.add_argument("--fmax", type=float, default=1e-4, help="force threshold of the relaxations, eV/Å (1e-4)")
     p.set_defaults(func=elastic_main)
@@ -141,7 +144,8 @@ def elastic_main(args: argparse.Namespace) -> int:
     atoms, calc, out, settings = _load(args)
     try:
         result = elastic_constants(atoms, calc, strain=args.strain, relax_cell=not args.no_relax,
-                                   relax_atoms=not args.clamped_ions, fmax=args.fmax)
+                                   relax_atoms=not args.clamped_ions, fmax=args.fmax,
+                                   standardize=args.standardize)
     except ValueError as err:
         raise SystemExit(f"error: {args.structure}: {err}") from None
     record = {**settings, **result.summary()}

@@ -92,7 +92,8 @@ class ElasticResult:
 
 
 def elastic_constants(atoms: ase.Atoms, calc, *, strain: float = 0.005, relax_cell: bool = True,
-                      relax_atoms: bool = True, fmax: float = 1e-4, steps: int = 1000) -> ElasticResult:
+                      relax_atoms: bool = True, fmax: float = 1e-4, steps: int = 1000,
+                      standardize: bool = False) -> ElasticResult:
     """The 6×6 elastic constants C_ij = ∂σ_i/∂ε_j (GPa) from central differences of the stress.
 
     Args:
@@ -103,14 +104,21 @@ def elastic_constants(atoms: ase.Atoms, calc, *, strain: float = 0.005, relax_ce
         relax_atoms: relax the positions at every strain (the relaxed-ion constants); off: clamped-ion.
         fmax: force threshold of the relaxations, eV/Å (the cell relaxation's stress threshold is fmax/volume).
         steps: maximum optimiser steps of each relaxation.
+        standardize: replace ``atoms`` by its standard conventional cell first
+            (:func:`~potentials.properties.symmetry.standard_cell`), so that C is in the crystal's conventional axes;
+            otherwise C is in the Cartesian frame of ``atoms`` as given.
     """
     if not np.all(atoms.pbc):
         raise ValueError("elastic constants need a structure periodic in all three directions")
-    info: dict[str, Any] = {}
+    info: dict[str, Any] = {"standardized": standardize}
+    if standardize:
+        from potentials.properties.symmetry import standard_cell
+
+        atoms = standard_cell(atoms)
     if relax_cell:
         result = relax(atoms, calc, fmax=fmax, steps=steps, optimizer="BFGS", cell=True)
         atoms = result.atoms
-        info = {"cell_relaxation_converged": result.converged, "cell_relaxation_steps": result.steps}
+        info.update(cell_relaxation_converged=result.converged, cell_relaxation_steps=result.steps)
     else:
         atoms = atoms.copy()
     atoms.calc = calc

@@ -15,6 +15,7 @@ from ase.filters import FrechetCellFilter
 from ase.optimize import BFGS
 from ase.units import GPa
 
+from potentials.properties.symmetry import is_cubic
 from potentials.relax import relax
 
 
@@ -43,15 +44,6 @@ def fit_birch_murnaghan(volumes, energies) -> dict[str, float]:
     e0, v0, b0, b0p = (float(x) for x in params)
     rms = float(np.sqrt(np.mean((birch_murnaghan(v, *params) - e) ** 2)))
     return {"V0": v0, "E0": e0, "B0_GPa": b0 / GPa, "B0_prime": b0p, "rms_eV": rms}
-
-
-def is_cubic(atoms: ase.Atoms, symprec: float = 1e-3) -> bool:
-    """Whether the crystal's space group is cubic (195–230): such cells keep their shape under pressure."""
-    import spglib
-
-    cell = (atoms.cell.array, atoms.get_scaled_positions(), atoms.numbers)
-    dataset = spglib.get_symmetry_dataset(cell, symprec=symprec)
-    return dataset is not None and 195 <= int(dataset.number) <= 230
 
 
 @dataclass
