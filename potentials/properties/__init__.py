@@ -9,6 +9,7 @@ from potentials.properties.elastic import ElasticResult, elastic_constants
 from potentials.properties.eos import EOSResult, birch_murnaghan, equation_of_state, fit_birch_murnaghan
 from potentials.properties.hessian import hessian
 from potentials.properties.phonons import PhononResult, phonons
+from potentials.properties.symmetry import is_cubic, standard_cell
 
 __all__ = ["EOSResult", "ElasticResult", "PhononResult", "birch_murnaghan", "elastic_constants", "equation_of_state",
-           "fit_birch_murnaghan", "hessian", "phonons"]
+           "fit_birch_murnaghan", "hessian", "is_cubic", "phonons", "standard_cell"]
