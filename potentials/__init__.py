@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["AtomicGraph", "Potential", "PotentialCalculator", "load", "__version__"]
+__all__ = ["AtomicGraph", "Potential", "PotentialCalculator", "hessian", "load", "__version__"]
 
 
 def __getattr__(name: str):
@@ -24,6 +24,10 @@ def __getattr__(name: str):
         from potentials.calculator import PotentialCalculator
 
         return PotentialCalculator
+    if name == "hessian":
+        from potentials.properties.hessian import hessian
+
+        return hessian
     if name == "load":
         from potentials.export import load
 

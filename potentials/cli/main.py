@@ -7,7 +7,7 @@ import sys
 
 from potentials import __version__
 from potentials.accel import tune_allocator
-from potentials.cli import evaluate, md, preprocess, relax
+from potentials.cli import evaluate, md, preprocess, properties, relax
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_parser(sub)
     md.add_parser(sub)
     preprocess.add_parser(sub)
+    properties.add_parser(sub)  # phonons, elastic, eos
     return parser
 
 
