@@ -71,6 +71,7 @@ def test_dimers_are_monotonically_repulsive_down_to_a_tenth_of_an_angstrom(name)
     a, b = PAIRS[name]
     potential = _potential([a, b], zbl=True)
     inner, _ = _radii(a, b)
+    # from the inner switch radius (ZBL fully on) inwards; in the switch an untrained network's own slope may win
     distances = np.linspace(0.1, inner, 40)
     out = [_run(potential, _dimer(a, b, r)) for r in distances]
     energies = np.array([float(o["energy"]) for o in out])
