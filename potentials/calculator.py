@@ -13,6 +13,7 @@ from torch_geometric.data import Batch
 from potentials import accel, keys
 from potentials.accel import tune_allocator
 from potentials.graph import AtomicGraph
+from potentials.physics import KEEP, with_overrides
 from potentials.potential import Potential
 
 
@@ -39,17 +40,23 @@ class PotentialCalculator(Calculator):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
-                  cutoff: float | None = None, kernels: str | None = None, **kwargs) -> PotentialCalculator:
+                  cutoff: float | None = None, kernels: str | None = None, zbl: bool | None = None,
+                  dispersion: str | None = KEEP, functional: str | None = None, **kwargs) -> PotentialCalculator:
         """Load a model file written at the end of training (``<run dir>/model.pt``).
 
         ``cutoff`` (Å), when given, must be the model's training cutoff (see :func:`potentials.export.load`);
         ``kernels``, when given, replaces the file's choice of implementation (see :mod:`potentials.accel`).
+        ``zbl`` (True/False), ``dispersion`` (``"d3bj"`` or None) and ``functional`` (e.g. ``"pbe"``), when given,
+        switch physics terms on at inference (:mod:`potentials.physics`); switching off or changing a term the
+        model was trained with raises :class:`~potentials.errors.PotentialsInputError`.
         """
         from potentials.export import load
 
         potential = load(path, device=device, dtype=dtype, cutoff=cutoff)
         if kernels is not None:
             potential.kernels = accel.backends.check(kernels)
+        if zbl is not None or dispersion != KEEP or functional is not None:
+            potential.physics = with_overrides(potential.physics, zbl, dispersion, functional)
         return cls(potential, device=device, dtype=dtype, **kwargs)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:

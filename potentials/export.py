@@ -7,7 +7,12 @@ sections (format 3)::
      "model":     {"config": <Hydra config, _target_ names the class>, "state": <state_dict>},
      "potential": {"cutoff": Å, "atomic_energies": {z: eV}, "scale": float, "shift": eV, "elements": [z, ...]},
      "runtime":   {"kernels": "auto"},
+     "physics":   {"zbl": false, "dispersion": null | "d3bj", "functional": "pbe", ...},
      "training":  {<provenance of the run: data set, test metrics>}}
+
+``physics`` (:class:`potentials.physics.PhysicsConfig`) names the terms added to the network energy; no section
+means none.  A file with a term switched on is written as format 4, so that a format-3 reader, which would drop
+the term, refuses it; a file without physics terms stays format 3.
 
 ``model.config`` holds what the model resolved from its defaults (``EnergyModel.resolved_config``, e.g.
 EquiformerV2's grids) and the weights are the EMA weights when training used EMA.
@@ -43,11 +48,11 @@ from potentials.models.base import EnergyModel
 from potentials.potential import KERNELS, Potential
 
 #: 1: flat keys.  2: model_config holds what a model resolved from its defaults (``resolved_config()``).
-#: 3: named sections (module docstring), ``runtime.kernels``.
-FORMAT_VERSION = 3
+#: 3: named sections (module docstring), ``runtime.kernels``.  4: a ``physics`` section with a term switched on.
+FORMAT_VERSION = 4
 UNITS = {"energy": "eV", "length": "Å", "forces": "eV/Å", "stress": "eV/Å³ (ASE sign)"}
 #: the top-level names this version writes and reads; any other is kept in ``Potential.metadata``
-SECTIONS = ("format_version", "package_version", "units", "model", "potential", "runtime", "training")
+SECTIONS = ("format_version", "package_version", "units", "model", "potential", "runtime", "physics", "training")
 
 
 def _package_version() -> str:
@@ -61,7 +66,8 @@ def save(potential: Potential, path: str | os.PathLike, model_config: dict[str, 
     """Write ``potential`` to ``path`` (atomically: a temporary file renamed into place).
 
     Args:
-        potential: the potential to export (its model, reference energies, scale/shift and ``kernels``).
+        potential: the potential to export (its model, reference energies, scale/shift, ``kernels`` and
+            ``physics``).
         path: the file to write.
         model_config: the model's Hydra config (``_target_`` names the class); what the model resolved from its
             defaults is written over it.
@@ -75,7 +81,7 @@ def save(potential: Potential, path: str | os.PathLike, model_config: dict[str, 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in potential.model.state_dict().items()}
     payload = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if potential.physics.any else 3,
         "package_version": _package_version(),
         "units": UNITS,
         "model": {"config": {**model_config, **potential.model.resolved_config()}, "state": state},
@@ -87,6 +93,7 @@ def save(potential: Potential, path: str | os.PathLike, model_config: dict[str, 
             "elements": potential.elements,
         },
         "runtime": {"kernels": potential.kernels},
+        "physics": potential.physics.to_section(),
         "training": extra or {},
         **(sections or {}),
     }
@@ -128,12 +135,23 @@ def _model_class(path: Path, config: dict[str, Any]) -> type[EnergyModel]:
     return cls
 
 
+def _physics(path: Path, section: dict[str, Any] | None):
+    """The file's physics terms (none without a section)."""
+    from potentials.physics import PhysicsConfig
+
+    try:
+        return PhysicsConfig.from_options(section)
+    except PotentialsInputError as err:
+        raise PotentialsInputError(f"{path}: physics section: {err}; upgrade potentials") from err
+
+
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
          cutoff: float | None = None) -> Potential:
     """Load a file written by :func:`save` as a :class:`Potential` in eval mode on ``device`` with ``dtype``.
 
     ``potential.metadata`` holds ``format_version``, ``package_version``, ``units``, ``elements``, ``model_config``
-    (as upgraded and used), ``training`` (also as ``extra``, its name in formats 1 and 2), ``runtime`` and every
+    (as upgraded and used), ``training`` (also as ``extra``, its name in formats 1 and 2), ``runtime``, ``physics``
+    (as used; also ``potential.physics``) and every
     section this version does not know, by name.
 
     Args:
@@ -192,6 +210,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         scale=_required(path, sections, "potential", "scale"),
         shift=_required(path, sections, "potential", "shift"),
         kernels=runtime["kernels"],
+        physics=_physics(path, sections.get("physics")),
     )
     training = sections.get("training") or {}
     potential.metadata = {
@@ -203,6 +222,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         "training": training,
         "extra": training,
         "runtime": runtime,
+        "physics": potential.physics.to_section(),
         **{k: v for k, v in sections.items() if k not in SECTIONS},
     }
     return potential.to(device=device, dtype=dtype).eval()

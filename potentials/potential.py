@@ -4,7 +4,9 @@ This is the one place where forces and stress are derived, for every model famil
 
 1. a symmetric strain ε (zeros, requires grad) deforms positions and cell: r → r(1+ε), cell → cell(1+ε);
 2. edge vectors are computed from the strained geometry (models see geometry only through ``edge_vec``);
-3. the model gives per-atom energies e_i; E_i = scale·e_i + shift + E0[z_i]; E = Σ_i E_i per structure;
+3. the model gives per-atom energies e_i; E_i = scale·e_i + shift + E0[z_i] + P_i; E = Σ_i E_i per structure,
+   with P_i the physics terms switched on (ZBL repulsion, D3(BJ) dispersion; :mod:`potentials.physics`), computed
+   from the same strained geometry;
 4. forces = −∂E/∂r (eV/Å), virial W = −∂E/∂ε (eV), stress σ = (1/V)·∂E/∂ε (eV/Å³, ASE sign).
 
 Stress is NaN for structures that are not periodic in every direction.
@@ -24,6 +26,7 @@ from potentials.errors import PotentialsInputError
 from potentials.models.base import EnergyModel
 from potentials.neighbors import edge_vectors
 from potentials.nn import grad_scope
+from potentials.physics import PhysicsConfig, PhysicsTerms
 
 NUM_Z = 119
 #: Implementations of the hot operations a potential may run on (see ``Potential``'s ``kernels`` argument).
@@ -59,6 +62,7 @@ class Potential(nn.Module):
         scale: float = 1.0,
         shift: float = 0.0,
         kernels: str = "auto",
+        physics: PhysicsConfig | Mapping | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, EnergyModel):
@@ -75,6 +79,22 @@ class Potential(nn.Module):
         self.register_buffer("known_elements", known)
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.register_buffer("shift", torch.tensor(float(shift)))
+        self.physics = physics
+
+    @property
+    def physics(self) -> PhysicsConfig:
+        """The physics terms added to the network energy; setting it (a config or mapping) rebuilds them."""
+        return self._physics
+
+    @physics.setter
+    def physics(self, value: PhysicsConfig | Mapping | None) -> None:
+        config = PhysicsConfig.from_options(value)
+        if config.any and self.model.direct_forces:
+            raise PotentialsInputError("physics terms need forces derived from the energy; this model has a "
+                                       "direct-force head")
+        self._physics = config
+        dd = {"device": self.scale.device, "dtype": self.scale.dtype}
+        self.physics_terms = PhysicsTerms(self._physics, self.cutoff).to(**dd) if self._physics.any else None
 
     @property
     def kernels(self) -> str:
@@ -158,6 +178,8 @@ class Potential(nn.Module):
                     direct_forces = out.get(keys.FORCES)
                     out = out[keys.NODE_ENERGY]
                 node_energy = (self.scale * out + self.shift + self.atomic_energies[z]).to(pos.dtype)
+                if self.physics_terms is not None:
+                    node_energy = node_energy + self.physics_terms(data, pos, cell, batch)
                 energy = _scatter_sum(node_energy, batch, n_graphs)
                 result = {keys.ENERGY: energy, keys.NODE_ENERGY: node_energy}
                 if direct_forces is not None:

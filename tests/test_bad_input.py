@@ -248,7 +248,7 @@ def test_model_file_of_another_version_or_kind(tmp_path):
     path = random_model(tmp_path / "cu.pt", ["Cu"])
     payload = torch.load(path, weights_only=True)
     newer = tmp_path / "newer.pt"
-    torch.save({**payload, "format_version": payload["format_version"] + 1}, newer)
+    torch.save({**payload, "format_version": FORMAT_VERSION + 1}, newer)
     with pytest.raises(PotentialsInputError,
                        match=rf"newer.pt: written by potentials .* file format {FORMAT_VERSION + 1}; .* upgrade"):
         load(newer)

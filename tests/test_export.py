@@ -68,7 +68,9 @@ def test_every_family_round_trips_in_sections(tmp_path, name):
     assert isinstance(potential.model, EnergyModel)
     path = save(potential, tmp_path / "model.pt", config(name, CUTOFF), extra={"data": "emt"})
     payload = torch.load(path, weights_only=True)  # plain data only
-    assert tuple(payload) == SECTIONS and payload["format_version"] == FORMAT_VERSION == 3
+    # no physics term on: format 3, which a format-3 reader computes the same (format 4 marks physics terms)
+    assert tuple(payload) == SECTIONS and payload["format_version"] == 3 and FORMAT_VERSION == 4
+    assert payload["physics"] == {"zbl": False, "dispersion": None, "functional": None}
     assert payload["model"]["config"]["_target_"] == config(name, CUTOFF)["_target_"]
     assert payload["model"]["state"].keys() == potential.model.state_dict().keys()
     assert payload["potential"] == {"cutoff": CUTOFF, "atomic_energies": pytest.approx(E0), "scale": pytest.approx(1.7),

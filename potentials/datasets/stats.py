@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -93,12 +93,18 @@ class StreamingLeastSquares:
         return self.r
 
 
-def compute_stats(graphs: Iterable) -> DatasetStats:
+def compute_stats(graphs: Iterable, baseline: Callable | None = None) -> DatasetStats:
     """One streaming pass over graphs (AtomicGraph objects with labels and masks) → :class:`DatasetStats`.
 
     Memory stays constant however many graphs there are: the reference-energy fit accumulates QR factors
     (:class:`StreamingLeastSquares`) of the per-structure element counts, once plain and once divided by the
     number of atoms (for the per-atom residual).
+
+    Args:
+        graphs: the training split.
+        baseline: ``graph → (energy eV, forces [N, 3] eV/Å)`` of terms added to the network's energy (the physics
+            terms of :mod:`potentials.physics`); the statistics are those of the labels minus the baseline, i.e.
+            of what the network learns.
     """
     fit, per_atom = StreamingLeastSquares(_MAX_Z), StreamingLeastSquares(_MAX_Z)
     f2, nf, n_edges, n_atoms, n_struct, n_energy = 0.0, 0, 0, 0, 0, 0
@@ -110,13 +116,14 @@ def compute_stats(graphs: Iterable) -> DatasetStats:
         n_struct += 1
         n_atoms += len(z)
         n_edges += int(g.edge_index.shape[1])
+        base_e, base_f = baseline(g) if baseline is not None else (0.0, 0.0)
         if bool(g.has_energy):
-            energy = float(g.energy)
+            energy = float(g.energy) - base_e
             fit.add(counts, energy)
             per_atom.add(counts / len(z), energy / len(z))
             n_energy += 1
         if bool(g.has_forces):
-            f = g.forces.double().numpy()
+            f = g.forces.double().numpy() - base_f
             f2 += float((f**2).sum())
             nf += f.size
     elements = np.flatnonzero(present).tolist()

@@ -18,8 +18,10 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from potentials.datasets.stats import compute_stats
 from potentials.errors import PotentialsInputError
 from potentials.models.base import EnergyModel
+from potentials.physics import PhysicsConfig, baseline
 from potentials.potential import Potential
 from potentials.training.checkpointing import (
     AtomicCheckpointIO,
@@ -69,6 +71,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, PotentialModule]:
     except (ValueError, PermissionError, InstantiationException) as err:  # how the adapters report unusable input
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ is not None else err
         raise PotentialsInputError(f"data={cfg.data.get('name', '?')}: {cause}") from err
+    physics = PhysicsConfig.from_options(OmegaConf.to_container(cfg.physics) if cfg.get("physics") else None)
+    if physics.any:  # the network learns the labels minus the physics terms: statistics of those
+        stats = compute_stats(dm.splits["train"], baseline=baseline(physics, cfg.cutoff))
     with open_dict(cfg):
         cfg.data_stats = {**stats.to_dict(), "atomic_energies": {str(k): v for k, v in stats.atomic_energies.items()}}
     model = instantiate(cfg.model)
@@ -80,7 +85,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, PotentialModule]:
         raise PotentialsInputError(f"model.cutoff={model_cutoff} Å differs from cutoff={cfg.cutoff} Å, the radius the "
                                    "neighbour lists are built with; set the top-level cutoff only")
     potential = Potential(model, cfg.cutoff, atomic_energies=stats.atomic_energies, scale=stats.force_rms,
-                          kernels=cfg.kernels)
+                          kernels=cfg.kernels, physics=physics)
     potential = potential.to(dtype)
     t = cfg.training
     module = PotentialModule(
