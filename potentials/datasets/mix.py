@@ -222,10 +222,9 @@ class MixDataModule(L.LightningDataModule):
         for ds_name, dm in self.modules.items():
             try:
                 dm.setup(stage)
-            except PotentialsInputError as err:
-                raise PotentialsInputError(f"data=mix, dataset {ds_name!r}: {err}") from err
-            except ValueError as err:  # how the adapters and the datamodule report unusable input
-                raise PotentialsInputError(f"data=mix, dataset {ds_name!r}: {err}") from err
+            except ValueError as err:  # how the adapters and the datamodule report unusable input (input errors too)
+                named = f"dataset {ds_name!r}" in str(err)
+                raise PotentialsInputError(f"data=mix{'' if named else f', dataset {ds_name!r}'}: {err}") from err
         for split in SPLITS:
             parts = [self.modules[n].splits[split] for n in self.names]
             # in-memory parts stay a list (the label report of the training pipeline reads lists)

@@ -117,8 +117,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams({"config": config, "num_parameters": n_params})
     has_val = len(dm.splits["val"]) > 0
     monitor = cfg.training.monitor if has_val else "train/loss"
-    if has_val and getattr(dm, "monitor_dataset", None):  # data=mix: best.ckpt by one dataset's metric
-        monitor = _dataset_monitor(monitor, dm)
+    if has_val and hasattr(dm, "monitor_dataset"):  # data=mix: best.ckpt by one dataset's metric, or pooled
+        monitor = _mix_monitor(monitor, dm)
     every = cfg.get("checkpoint") or {}
     steps = every.get("every_n_train_steps")  # when set, replaces the time-based trigger
     checkpoint, checkpoints = checkpoint_callbacks(run_dir / "checkpoints", monitor, steps,
@@ -172,13 +172,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _dataset_monitor(monitor: str, dm) -> str:
-    """``val/<metric>`` → ``val/<data.monitor_dataset>/<metric>``, refused if that dataset has no validation split."""
-    name = dm.monitor_dataset
-    if name not in dm.loader_names["val"]:
-        raise PotentialsInputError(f"data.monitor_dataset={name!r} has an empty validation split: nothing to choose "
-                                   f"best.ckpt by; give it a val split or monitor the pooled {monitor}")
+def _mix_monitor(monitor: str, dm) -> str:
+    """The metric ``best.ckpt`` follows in a mix: ``val/<data.monitor_dataset>/<metric>`` when that is set, else
+    ``training.monitor`` as given (pooled, or naming a dataset itself); the dataset must exist and have a val split."""
     split, _, metric = monitor.partition("/")
+    name = dm.monitor_dataset
+    if name is None and "/" in metric:  # training.monitor=val/<name>/<metric>
+        name, _, metric = metric.partition("/")
+        if name not in dm.names:
+            raise PotentialsInputError(f"training.monitor={monitor} names the dataset {name!r}, which is not in the "
+                                       f"mix; the datasets are {', '.join(dm.names)}")
+    if name is None:
+        return monitor
+    if name not in dm.loader_names["val"]:
+        raise PotentialsInputError(f"dataset {name!r} of the mix, chosen to pick best.ckpt by, has an empty "
+                                   f"validation split; give it a val split or monitor the pooled {split}/{metric}")
     return f"{split}/{name}/{metric}"
 
 
