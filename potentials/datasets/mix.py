@@ -137,7 +137,7 @@ class WeightedGlobalBatchSampler(DistributedSampler):
 def _entry_options(name: str, entry: Any) -> tuple[Any, float]:
     """(the dataset's own config, its weight) from one entry of ``datasets``."""
     if not isinstance(entry, (Mapping, DictConfig)):
-        raise PotentialsInputError(f"data=mix: dataset {name!r} must be a data config (a mapping with a _target_), "
+        raise PotentialsInputError(f"dataset {name!r} must be a data config (a mapping with a _target_), "
                                    f"got {entry!r}")
     options = OmegaConf.create(OmegaConf.to_container(entry, resolve=True)) if isinstance(entry, DictConfig) \
         else OmegaConf.create(dict(entry))
@@ -147,13 +147,13 @@ def _entry_options(name: str, entry: Any) -> tuple[Any, float]:
     except (TypeError, ValueError):
         weight = math.nan
     if not math.isfinite(weight) or weight <= 0:
-        raise PotentialsInputError(f"data=mix: dataset {name!r} has weight {options.get('weight')!r}; every weight "
+        raise PotentialsInputError(f"dataset {name!r} has weight {options.get('weight')!r}; every weight "
                                    "must be a positive number (the probability of drawing from a dataset is its "
                                    "weight over the sum of all weights)")
     for key in _MIX_KEYS:
         options.pop(key, None)
     if "_target_" not in options:
-        raise PotentialsInputError(f"data=mix: dataset {name!r} has no _target_; give a data config, e.g. "
+        raise PotentialsInputError(f"dataset {name!r} has no _target_; give a data config, e.g. "
                                    f"+data@data.datasets.{name}=ase data.datasets.{name}.path=FILE")
     return options, weight
 
@@ -185,7 +185,7 @@ class MixDataModule(L.LightningDataModule):
         datasets = dict(datasets or {})
         if not datasets:
             raise PotentialsInputError(
-                "data=mix needs at least one dataset: add each with +data@data.datasets.NAME=CONFIG (CONFIG any data "
+                "a mix (data=mix) needs at least one dataset: add each with +data@data.datasets.NAME=CONFIG (CONFIG any data "
                 "config: ase, emt, md17, store, ...) and its options as data.datasets.NAME.path=..., "
                 "data.datasets.NAME.weight=...; or list them under datasets: in a config file (docs/data_mix.md)")
         self.weights: dict[str, float] = {}
