@@ -22,6 +22,7 @@ and test run one loader per dataset; :class:`~potentials.training.module.Potenti
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -185,9 +186,10 @@ class MixDataModule(L.LightningDataModule):
         datasets = dict(datasets or {})
         if not datasets:
             raise PotentialsInputError(
-                "a mix (data=mix) needs at least one dataset: add each with +data@data.datasets.NAME=CONFIG (CONFIG any data "
-                "config: ase, emt, md17, store, ...) and its options as data.datasets.NAME.path=..., "
-                "data.datasets.NAME.weight=...; or list them under datasets: in a config file (docs/data_mix.md)")
+                "a mix (data=mix) needs at least one dataset: add each with +data@data.datasets.NAME=CONFIG (CONFIG "
+                "any data config: ase, emt, md17, store, ...), its options as data.datasets.NAME.path=... and its "
+                "weight as +data.datasets.NAME.weight=...; or list them under datasets: in a config file "
+                "(docs/data_mix.md)")
         self.weights: dict[str, float] = {}
         self.modules: dict[str, Any] = {}
         for ds_name, entry in datasets.items():
@@ -228,7 +230,7 @@ class MixDataModule(L.LightningDataModule):
         for split in SPLITS:
             parts = [self.modules[n].splits[split] for n in self.names]
             # in-memory parts stay a list (the label report of the training pipeline reads lists)
-            self.splits[split] = sum((list(p) for p in parts), []) if all(isinstance(p, list) for p in parts) \
+            self.splits[split] = list(itertools.chain(*parts)) if all(isinstance(p, list) for p in parts) \
                 else ConcatSplit(parts)
             self.loader_names[split] = [n for n in self.names if len(self.modules[n].splits[split])]
         if self.epoch_size is None:
