@@ -56,9 +56,11 @@ def _command(run_dir: Path, data_root: Path) -> list[str]:
 
 
 def _start(run_dir: Path, data_root: Path, pause: float = 0.0) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", checkpointing.PAUSE_ENV: str(pause)}
-    return subprocess.Popen(_command(run_dir, data_root), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    """Start the run; writes over an existing checkpoint wait ``pause`` seconds before the rename."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    writer = f"trainer.plugins=[{{_target_:tests.fault_injection.FaultyCheckpointIO,pause:{pause}}}]"
+    return subprocess.Popen([*_command(run_dir, data_root), writer], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
