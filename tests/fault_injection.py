@@ -94,6 +94,21 @@ class DieInValidation(L.Callback):
             die()
 
 
+class DieAtEpochStart(L.Callback):
+    """Kills the run when an epoch starts (on rank 0): ``last.ckpt`` is then the one taken at the previous epoch's end.
+
+    Args:
+        after_step: the global step from which on epoch starts are deadly.
+    """
+
+    def __init__(self, after_step: int = 1) -> None:
+        self.after_step = int(after_step)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and trainer.global_step >= self.after_step:
+            die()
+
+
 class Slow(L.Callback):
     """Sleeps after every training step, so that a kill at a random moment finds the run still training.
 
