@@ -128,7 +128,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     plugins = list(instantiate(cfg.trainer.get("plugins")) or [])
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())  # every checkpoint written atomically: a kill never leaves half a file
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=plugins)
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=plugins, **_cpu_determinism(cfg))
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     if rank_zero_only.rank == 0:  # before fit, the launcher's environment knows the rank; the trainer may not
@@ -168,6 +168,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (run_dir / "metrics.json").write_text(json.dumps(public, indent=2))
         summary["metrics"] = str(run_dir / "metrics.json")
     return summary
+
+
+def _cpu_determinism(cfg: DictConfig) -> dict[str, Any]:
+    """``deterministic="warn"`` for CPU training when ``trainer.deterministic`` is unset, else nothing.
+
+    On CPUs, PyTorch sums the float32 gradient of tensor indexing (``x[index]``, used for every gather over edges) with
+    atomic adds from several threads, in an order that changes from run to run; its deterministic mode sums them on one
+    thread instead and changes nothing else on CPUs. With it, a run and its resumed copies give the same bits.
+    """
+    t = cfg.trainer
+    cpu = t.get("accelerator") == "cpu" or (t.get("accelerator") == "auto" and not torch.cuda.is_available()
+                                            and not torch.backends.mps.is_available())
+    return {"deterministic": "warn"} if cpu and t.get("deterministic") is None else {}
 
 
 def _report_labels(graphs, loss) -> None:
