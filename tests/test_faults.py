@@ -56,9 +56,11 @@ def _command(run_dir: Path, data_root: Path) -> list[str]:
 
 
 def _start(run_dir: Path, data_root: Path, pause: float = 0.0) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", checkpointing.PAUSE_ENV: str(pause)}
-    return subprocess.Popen(_command(run_dir, data_root), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    """Start the run; writes over an existing checkpoint wait ``pause`` seconds before the rename."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    writer = f"trainer.plugins=[{{_target_:tests.fault_injection.FaultyCheckpointIO,pause:{pause}}}]"
+    return subprocess.Popen([*_command(run_dir, data_root), writer], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -86,13 +88,12 @@ def _finish_and_compare(run_dir: Path, data_root: Path, uninterrupted: Path) -> 
     ours = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     theirs = torch.load(uninterrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ours["global_step"] == theirs["global_step"] == TOTAL_STEPS
-    for key, value in theirs["state_dict"].items():  # the same batches in the same order: the same weights
-        torch.testing.assert_close(ours["state_dict"][key], value, rtol=1e-10, atol=1e-12, msg=key)
+    for key, value in theirs["state_dict"].items():  # the same batches in the same order: the same weights, exactly
+        assert torch.equal(ours["state_dict"][key], value), key
     rows = pd.read_csv(run_dir / "csv" / "metrics.csv").dropna(subset=["train/loss_step"])
     reference = pd.read_csv(uninterrupted / "csv" / "metrics.csv").dropna(subset=["train/loss_step"])
     assert list(rows["step"]) == list(reference["step"]) == list(range(TOTAL_STEPS))  # none lost, none twice
-    torch.testing.assert_close(torch.tensor(rows["train/loss_step"].values),
-                               torch.tensor(reference["train/loss_step"].values), rtol=1e-10, atol=0)
+    assert list(rows["train/loss_step"]) == list(reference["train/loss_step"])
 
 
 def test_kill_during_a_checkpoint_write_resumes_from_the_previous_checkpoint(tmp_path, data_root, uninterrupted):

@@ -153,6 +153,8 @@ class AtomsDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         loader = self._loader("train", shuffle=True)
+        if self.trainer is not None:  # the epoch the trainer counts, whatever sampler epoch Lightning sets (sampler.py)
+            loader.epoch_source = lambda: self.trainer.current_epoch
         state, self._train_loader_state = getattr(self, "_train_loader_state", None), None
         if state:
             loader.load_state_dict(state)  # resuming mid-epoch: skip the batches already trained on

@@ -11,13 +11,16 @@ with its label masks (``has_energy``, ``has_forces``, ``has_stress``) switched o
 or the metrics while keeping the number of batches equal on all processes (which collective operations need).
 
 The loader is resumable: Lightning stores :meth:`ResumableDataLoader.state_dict` (epoch, batches consumed) in its
-checkpoints and a run restarted from a mid-epoch checkpoint continues with the next batch of the same epoch.
+checkpoints and a run restarted from a mid-epoch checkpoint continues with the next batch of the same epoch. Under a
+trainer the loader takes its epoch from the trainer's epoch counter when an iteration starts, not from the sampler
+epoch Lightning sets: after a resume from a checkpoint taken at an epoch's end under ``max_steps``, Lightning sets
+samplers one epoch ahead of its own counter (it replays the end of the saved epoch), which would reorder the batches.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -107,12 +110,20 @@ class ResumableDataLoader(DataLoader):
     ``state_dict()`` records the epoch and the batches handed out so far; after ``load_state_dict()`` the next
     iteration over that epoch skips those batches (Lightning calls both through its checkpoints). ``len()`` stays
     the full number of batches per epoch, which is what Lightning's progress counters expect.
+
+    Args:
+        dataset: the split's structures.
+        sampler: its :class:`GlobalBatchSampler`.
+        epoch_source: called when an iteration starts, returns the epoch to draw (the trainer's epoch); None: the
+            sampler's epoch as last set with ``set_epoch``.
     """
 
     sampler: GlobalBatchSampler
 
-    def __init__(self, dataset: Sequence, sampler: GlobalBatchSampler, **kwargs: Any) -> None:
+    def __init__(self, dataset: Sequence, sampler: GlobalBatchSampler,
+                 epoch_source: Callable[[], int] | None = None, **kwargs: Any) -> None:
         super().__init__(PaddedSplit(dataset), batch_size=sampler.batch_size, sampler=sampler, **kwargs)
+        self.epoch_source = epoch_source
         self._consumed = 0
         self._resume: dict[str, int] | None = None
 
@@ -124,6 +135,8 @@ class ResumableDataLoader(DataLoader):
         self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
 
     def __iter__(self) -> Iterator:
+        if self.epoch_source is not None:
+            self.sampler.set_epoch(int(self.epoch_source()))
         resume, self._resume = self._resume, None
         skip = resume["batches"] if resume is not None and resume["epoch"] == self.sampler.epoch else 0
         self.sampler.start_batch = min(skip, self.sampler.num_batches)

@@ -15,12 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 import uuid
 import zipfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
@@ -33,9 +32,6 @@ log = logging.getLogger("potentials")
 
 #: Suffix of the temporary files checkpoints are written to before being renamed into place.
 TMP_SUFFIX = ".tmp"
-#: Seconds to sleep between writing the temporary file and renaming it over an existing checkpoint. Only for
-#: tests, which kill a run inside that window to check that the previous checkpoint survives.
-PAUSE_ENV = "POTENTIALS_TEST_CHECKPOINT_PAUSE"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -51,7 +47,8 @@ def _fsync_dir(path: Path) -> None:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a temporary file in the same directory, fsync, then ``os.replace`` onto the target.
 
-    Remote paths (``s3://`` …) fall back to Lightning's own writer.
+    Remote paths (``s3://`` …) fall back to Lightning's own writer. The two steps are methods, :meth:`write` and
+    :meth:`replace`, so that a subclass can observe or interrupt a write between them.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
@@ -62,18 +59,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
         try:
             with open(tmp, "xb") as f:  # same directory as the target, so that os.replace is atomic
-                torch.save(checkpoint, f)
+                self.write(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            pause = float(os.environ.get(PAUSE_ENV) or 0)
-            if pause > 0 and path.exists():
-                time.sleep(pause)
-            os.replace(tmp, path)
+            self.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
         _fsync_dir(path.parent)
+
+    def write(self, checkpoint: dict[str, Any], file: BinaryIO) -> None:
+        """Serialise ``checkpoint`` into ``file``, the open temporary file."""
+        torch.save(checkpoint, file)
+
+    def replace(self, tmp: Path, path: Path) -> None:
+        """Rename the complete temporary file ``tmp`` over ``path`` (atomic: both are in one directory)."""
+        os.replace(tmp, path)
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:

@@ -128,6 +128,13 @@ class PotentialModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._unlogged_row = None  # the previous step's row has been handed to the loggers
+        self._restate_logged_step()
+
+    def _restate_logged_step(self) -> None:
+        """The loggers' step is the number of optimiser steps. Resuming a checkpoint taken at an epoch's end under
+        ``max_steps``, Lightning replays the end of that epoch and counts one step too many from then on (rows would
+        be logged one step late); the count is restated at every epoch end and step."""
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.global_step
 
     def on_validation_start(self) -> None:
         self._unlogged_row = None
@@ -163,7 +170,9 @@ class PotentialModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._unlogged_row = None
-        self._log_epoch_metrics("train")
+        self._restate_logged_step()  # before the checkpoint callbacks save it
+        if self.metrics["fit"].update_called:  # not in the replay of a finished epoch's end after a resume
+            self._log_epoch_metrics("train")
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val")

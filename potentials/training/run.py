@@ -130,7 +130,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     plugins = list(instantiate(cfg.trainer.get("plugins")) or [])
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())  # every checkpoint written atomically: a kill never leaves half a file
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=plugins)
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=plugins, **_cpu_determinism(cfg))
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     if rank_zero_only.rank == 0:  # before fit, the launcher's environment knows the rank; the trainer may not
@@ -188,6 +188,19 @@ def _mix_monitor(monitor: str, dm) -> str:
         raise PotentialsInputError(f"dataset {name!r} of the mix, chosen to pick best.ckpt by, has an empty "
                                    f"validation split; give it a val split or monitor the pooled {split}/{metric}")
     return f"{split}/{name}/{metric}"
+
+
+def _cpu_determinism(cfg: DictConfig) -> dict[str, Any]:
+    """``deterministic="warn"`` for CPU training when ``trainer.deterministic`` is unset, else nothing.
+
+    On CPUs, PyTorch sums the float32 gradient of tensor indexing (``x[index]``, used for every gather over edges) with
+    atomic adds from several threads, in an order that changes from run to run; its deterministic mode sums them on one
+    thread instead and changes nothing else on CPUs. With it, a run and its resumed copies give the same bits.
+    """
+    t = cfg.trainer
+    cpu = t.get("accelerator") == "cpu" or (t.get("accelerator") == "auto" and not torch.cuda.is_available()
+                                            and not torch.backends.mps.is_available())
+    return {"deterministic": "warn"} if cpu and t.get("deterministic") is None else {}
 
 
 def _report_labels(graphs, loss) -> None:
