@@ -164,6 +164,7 @@ def test_store_and_file_mix_trains_with_pooled_statistics_and_per_dataset_metric
     (["data.datasets.small.weight=0"], r"dataset 'small' has weight 0.*positive"),
     (["data.datasets.small.weight=-1"], r"dataset 'small' has weight -1.*positive"),
     (["data.datasets.small.weight=heavy"], r"dataset 'small' has weight 'heavy'.*positive"),
+    (["data.epoch_size=0"], r"data.epoch_size=0: an epoch needs at least one structure"),
 ])
 def test_bad_mix_is_refused_with_a_message_naming_it(tmp_path, data_root, overrides, message):
     al = str(_aluminium(tmp_path / "al.extxyz", n=2))

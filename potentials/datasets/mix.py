@@ -204,6 +204,9 @@ class MixDataModule(L.LightningDataModule):
         if monitor_dataset is not None and monitor_dataset not in self.modules:
             raise PotentialsInputError(f"data.monitor_dataset={monitor_dataset!r} is not a dataset of the mix; "
                                        f"the datasets are {', '.join(self.names)}")
+        if epoch_size is not None and int(epoch_size) < 1:
+            raise PotentialsInputError(f"data.epoch_size={epoch_size}: an epoch needs at least one structure (null: "
+                                       "the training structures of all datasets together)")
         self.monitor_dataset = monitor_dataset
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
