@@ -42,6 +42,8 @@ class PotentialModule(L.LightningModule):
         min_lr_ratio: final learning rate as a fraction of ``lr`` (cosine).
         plateau_factor, plateau_patience: ReduceLROnPlateau settings (epochs).
         ema_decay: EMA decay per optimiser step; 0 disables EMA.
+        datasets: names of the datasets of a mix (``data=mix``): validation and test log ``<split>/<name>/<metric>``
+            for each besides the pooled ``<split>/<metric>``; the datamodule's ``loader_names`` maps loaders to names.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class PotentialModule(L.LightningModule):
         plateau_factor: float = 0.5,
         plateau_patience: int = 10,
         ema_decay: float = 0.99,
+        datasets: tuple[str, ...] | list[str] = (),
     ) -> None:
         super().__init__()
         self.potential = potential
@@ -67,6 +70,10 @@ class PotentialModule(L.LightningModule):
         free = loss.free_atoms_only
         self.metrics = torch.nn.ModuleDict(
             {s: PotentialMetrics(free, loss_weights=loss.weights) for s in ("fit", "val", "test")})
+        self.dataset_names = list(datasets)
+        self.dataset_metrics = torch.nn.ModuleDict(  # keyed by position: names may hold characters keys may not
+            {f"{s}{i}": PotentialMetrics(free, loss_weights=loss.weights) for s in ("val", "test")
+             for i in range(len(self.dataset_names))})
 
     @property
     def eval_potential(self) -> Potential:
@@ -82,15 +89,25 @@ class PotentialModule(L.LightningModule):
         total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
         return {name: total[i] / world for i, name in enumerate(terms)}
 
-    def _step(self, potential: Potential, batch, split: str, train: bool) -> torch.Tensor | None:
+    def _split_metrics(self, split: str, dataloader_idx: int) -> list[PotentialMetrics]:
+        """The pooled metrics of ``split`` and, for a mix of datasets, those of the loader's dataset."""
+        found = [self.metrics[_KEY[split]]]
+        if split != "train" and self.dataset_names:
+            name = self.trainer.datamodule.loader_names[split][dataloader_idx]
+            found.append(self.dataset_metrics[f"{split}{self.dataset_names.index(name)}"])
+        return found
+
+    def _step(self, potential: Potential, batch, split: str, train: bool,
+              dataloader_idx: int = 0) -> torch.Tensor | None:
         stress = self.loss_fn.needs_stress and bool(batch.has_stress.any())
         with torch.enable_grad():
             out = potential(batch, compute_forces=True, compute_stress=stress, create_graph=train)
         terms = self.loss_fn.terms(out, batch)
         if not terms:
             raise PotentialsInputError("the loss has no term: training.loss weights are all zero")
-        self.metrics[_KEY[split]].update({k: v.detach() for k, v in out.items()}, batch,
-                                         {k: (s.detach(), c) for k, (s, c) in terms.items()})
+        for metric in self._split_metrics(split, dataloader_idx):
+            metric.update({k: v.detach() for k, v in out.items()}, batch,
+                          {k: (s.detach(), c) for k, (s, c) in terms.items()})
         if not train:
             return None
         loss = self.loss_fn.combine(terms, self._global_counts(terms))["total"]
@@ -125,21 +142,31 @@ class PotentialModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(self.potential, batch, "train", train=True)
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.eval_potential.eval()
-        self._step(self.eval_potential, batch, "val", train=False)
+        self._step(self.eval_potential, batch, "val", train=False, dataloader_idx=dataloader_idx)
 
-    def test_step(self, batch, batch_idx: int) -> None:
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.eval_potential.eval()
-        self._step(self.eval_potential, batch, "test", train=False)
+        self._step(self.eval_potential, batch, "test", train=False, dataloader_idx=dataloader_idx)
 
     def _log_epoch_metrics(self, split: str) -> None:
         metric = self.metrics[_KEY[split]]
         values = metric.compute()  # already summed over processes: the mean in sync_dist below changes nothing
         for name, value in values.items():
             self.log(f"{split}/{name}", torch.tensor(value, dtype=torch.float64), sync_dist=True,
-                     prog_bar=(split == "val" and name == "force_mae") or (split == "train" and name == "loss"))
+                     prog_bar=(split == "val" and name == "force_mae") or (split == "train" and name == "loss"),
+                     add_dataloader_idx=False)
         metric.reset()
+        if split == "train":
+            return
+        for i, dataset in enumerate(self.dataset_names):  # a mix: the same metrics per dataset
+            metric = self.dataset_metrics[f"{split}{i}"]
+            if metric.update_count:
+                for name, value in metric.compute().items():
+                    self.log(f"{split}/{dataset}/{name}", torch.tensor(value, dtype=torch.float64), sync_dist=True,
+                             add_dataloader_idx=False)
+            metric.reset()
 
     def on_train_epoch_end(self) -> None:
         self._unlogged_row = None

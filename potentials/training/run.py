@@ -91,7 +91,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, PotentialModule]:
     module = PotentialModule(
         potential, instantiate(t.loss), lr=t.lr, weight_decay=t.weight_decay, scheduler=t.scheduler,
         warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, plateau_factor=t.plateau_factor,
-        plateau_patience=t.plateau_patience, ema_decay=t.ema_decay,
+        plateau_patience=t.plateau_patience, ema_decay=t.ema_decay, datasets=getattr(dm, "names", ()),
     )
     return dm, module
 
@@ -117,6 +117,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams({"config": config, "num_parameters": n_params})
     has_val = len(dm.splits["val"]) > 0
     monitor = cfg.training.monitor if has_val else "train/loss"
+    if has_val and hasattr(dm, "monitor_dataset"):  # data=mix: best.ckpt by one dataset's metric, or pooled
+        monitor = _mix_monitor(monitor, dm)
     every = cfg.get("checkpoint") or {}
     steps = every.get("every_n_train_steps")  # when set, replaces the time-based trigger
     checkpoint, checkpoints = checkpoint_callbacks(run_dir / "checkpoints", monitor, steps,
@@ -145,7 +147,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     best = checkpoint.best_model_path or None
     if cfg.test and len(dm.splits["test"]):
         results = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)
-        summary["test"] = {k: float(v) for k, v in results[0].items()}
+        summary["test"] = {k: float(v) for r in results for k, v in r.items()}  # a mix: one loader per dataset
         summary["test"]["force_rms_meV_per_A"] = _force_rms(dm.splits["test"]) * 1e3
         if cfg.get("figures", True) and trainer.is_global_zero:  # parity plots etc. → <run dir>/figures, loggers
             from potentials.evaluate import report_split
@@ -168,6 +170,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (run_dir / "metrics.json").write_text(json.dumps(public, indent=2))
         summary["metrics"] = str(run_dir / "metrics.json")
     return summary
+
+
+def _mix_monitor(monitor: str, dm) -> str:
+    """The metric ``best.ckpt`` follows in a mix: ``val/<data.monitor_dataset>/<metric>`` when that is set, else
+    ``training.monitor`` as given (pooled, or naming a dataset itself); the dataset must exist and have a val split."""
+    split, _, metric = monitor.partition("/")
+    name = dm.monitor_dataset
+    if name is None and "/" in metric:  # training.monitor=val/<name>/<metric>
+        name, _, metric = metric.partition("/")
+        if name not in dm.names:
+            raise PotentialsInputError(f"training.monitor={monitor} names the dataset {name!r}, which is not in the "
+                                       f"mix; the datasets are {', '.join(dm.names)}")
+    if name is None:
+        return monitor
+    if name not in dm.loader_names["val"]:
+        raise PotentialsInputError(f"dataset {name!r} of the mix, chosen to pick best.ckpt by, has an empty "
+                                   f"validation split; give it a val split or monitor the pooled {split}/{metric}")
+    return f"{split}/{name}/{metric}"
 
 
 def _cpu_determinism(cfg: DictConfig) -> dict[str, Any]:

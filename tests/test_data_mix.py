@@ -1,0 +1,221 @@
+"""Several datasets in one run (``data=mix``): weighted batches, pooled statistics, per-dataset metrics, a graph
+store in the mix, bad input, and a kill-and-rerun that ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import ase.build
+import ase.io
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from potentials.datasets import emt
+from potentials.datasets.mix import ConcatSplit, MixDataModule, WeightedGlobalBatchSampler
+from potentials.datasets.preprocess import convert
+from potentials.datasets.stats import compute_stats
+from potentials.errors import PotentialsInputError
+from potentials.training.checkpointing import checkpoint_step
+from potentials.training.run import build, run
+from tests.train_config import train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["logger=csv", "trainer.max_time=null", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1", "model.channels=8", "model.num_layers=1",
+        "dtype=float64", "demo_relax=false", "figures=false", "export=false", "checkpoint.every_n_minutes=null"]
+
+
+def _emt_mix(*extra: str) -> list[str]:
+    """Two embedded EMT sets (different seeds and sizes), the second drawn three times as often."""
+    return ["data=mix", "+data@data.datasets.big=emt", "+data@data.datasets.small=emt",
+            "data.datasets.big.source.n_structures=14", "data.datasets.small.source.n_structures=10",
+            "data.datasets.small.source.seed=7", "+data.datasets.small.weight=3", "data.datasets.big.split.val=3",
+            "data.datasets.big.split.test=2", "data.datasets.small.split.val=2", "data.datasets.small.split.test=2",
+            "data.batch_size=2", *extra]
+
+
+# ----------------------------------------------------------------------------------------------- the sampler
+
+
+def test_draws_follow_the_weights_and_cycle_each_dataset_without_repeats():
+    sizes, weights = [3, 40, 11], [1.0, 2.0, 5.0]
+    sampler = WeightedGlobalBatchSampler(sizes, weights, batch_size=4, epoch_size=1000, seed=3)
+    assert sampler.num_batches == 250 and len(sampler) == 1000
+    counts = np.zeros(3)
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        order = sampler.global_order()
+        parts = sampler.dataset_of(order)
+        counts += np.bincount(parts, minlength=3)
+        for k, size in enumerate(sizes):  # within a dataset: a fresh permutation each time it is used up
+            local = [i - sampler.offsets[k] for i, p in zip(order, parts, strict=True) if p == k]
+            for start in range(0, len(local) - size + 1, size):
+                assert sorted(local[start:start + size]) == list(range(size))
+    n, p = counts.sum(), np.array(weights) / sum(weights)
+    sigma = np.sqrt(n * p * (1 - p))  # binomial spread of each count
+    assert n == 4000 and np.all(np.abs(counts - n * p) < 4 * sigma), (counts, n * p, sigma)
+    # with equal weights the same test fails, so it measures the weights
+    assert np.any(np.abs(counts - n / 3) > 4 * np.sqrt(n * 2 / 9))
+
+
+def test_draw_depends_on_seed_and_epoch_only_and_splits_into_global_batches():
+    def order(epoch: int, seed: int = 0, **kwargs) -> list[int]:
+        sampler = WeightedGlobalBatchSampler([5, 9], [1, 1], epoch_size=30, seed=seed, **kwargs)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    one = order(2, batch_size=4)
+    assert len(one) == 32 and one == order(2, batch_size=4)  # whole global batches; reproducible
+    assert one != order(3, batch_size=4) and one != order(2, seed=1, batch_size=4)
+    # two processes with batch 2 step through the global batches of one process with batch 4
+    ranks = [order(2, batch_size=2, num_replicas=2, rank=r) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 16
+    for b in range(8):
+        pairs = zip(ranks[0][2 * b:2 * b + 2], ranks[1][2 * b:2 * b + 2], strict=True)
+        assert [i for pair in pairs for i in pair] == one[4 * b:4 * b + 4]
+    resumed = WeightedGlobalBatchSampler([5, 9], [1, 1], batch_size=4, epoch_size=30)
+    resumed.set_epoch(2)
+    resumed.start_batch = 3  # resuming after three batches of the epoch: the rest of the same draw
+    assert list(resumed) == one[12:]
+
+
+def test_concatenated_split_indexes_its_parts():
+    split = ConcatSplit([["a", "b"], [], ["c"]])
+    assert len(split) == 3 and [split[i] for i in range(3)] == ["a", "b", "c"] and list(split) == ["a", "b", "c"]
+    with pytest.raises(IndexError):
+        split[3]
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def _aluminium(path: Path, n: int = 12) -> Path:
+    """Rattled, strained Al cells labelled with EMT: an element the EMT metal set does not hold."""
+    frames = []
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        atoms = ase.build.bulk("Al", "fcc", a=4.05 * (1 + 0.02 * rng.standard_normal()), cubic=True)
+        atoms.rattle(0.05, seed=k)
+        atoms.calc = EMT()
+        calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy(), forces=atoms.get_forces(),
+                                     stress=atoms.get_stress())
+        atoms.calc = calc
+        frames.append(atoms)
+    ase.io.write(path, frames)
+    return path
+
+
+def test_store_and_file_mix_trains_with_pooled_statistics_and_per_dataset_metrics(tmp_path, data_root):
+    """A graph store of EMT metals + an extxyz of Al: statistics of both training splits, metrics per dataset and
+    pooled in metrics.json and the CSV log, best.ckpt by the dataset chosen."""
+    store = tmp_path / "metals"
+    convert(lambda: emt.generate(seed=2, n_structures=16), store, cutoff=5.0, dtype="float64")
+    al = _aluminium(tmp_path / "al.extxyz")
+    overrides = [*TINY, "data=mix", "+data@data.datasets.metals=store", f"data.datasets.metals.path={store}",
+                 "data.datasets.metals.split.val=3", "data.datasets.metals.split.test=3",
+                 "+data@data.datasets.al=ase", f"data.datasets.al.path={al}", "+data.datasets.al.weight=0.5",
+                 "data.datasets.al.split.val=2", "data.datasets.al.split.test=2", "data.batch_size=4",
+                 "data.monitor_dataset=al", "trainer.max_epochs=2", "test=true"]
+    cfg = train_config(tmp_path / "run", data_root, *overrides)
+    dm, _ = build(cfg.copy())
+    metals, al_part = dm.modules["metals"].splits["train"], dm.modules["al"].splits["train"]
+    assert len(dm.splits["train"]) == len(metals) + len(al_part) == 10 + 8
+    pooled = compute_stats(itertools.chain(metals, al_part))
+    assert dm.stats.elements == pooled.elements and 13 in pooled.elements and 29 in pooled.elements
+    assert dm.stats.atomic_energies == pytest.approx(pooled.atomic_energies, rel=1e-12)
+    alone = compute_stats(iter(metals))
+    assert dm.stats.force_rms != pytest.approx(alone.force_rms, rel=1e-6)  # both datasets count
+    sampler = dm.train_dataloader().sampler
+    assert sampler.weights.tolist() == [1.0, 0.5] and sampler.num_batches == 5  # 18 structures, batches of 4
+
+    summary = run(cfg)
+    assert summary["data_stats"]["elements"] == pooled.elements
+    test = json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]
+    for metric in ("force_mae", "energy_mae"):
+        each = [test[f"test/{name}/{metric}"] for name in ("metals", "al")]
+        assert min(each) <= test[f"test/{metric}"] <= max(each) and each[0] != each[1]
+    frame = pd.read_csv(tmp_path / "run" / "csv" / "metrics.csv")
+    for column in ("val/force_mae", "val/metals/force_mae", "val/al/force_mae", "test/al/force_mae"):
+        assert frame[column].notna().sum() >= 1, column
+    assert frame["val/al/force_mae"].notna().sum() == 2  # every epoch
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    monitors = {state.get("monitor") for state in best["callbacks"].values()}
+    assert "val/al/force_mae" in monitors
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["+data@data.datasets.none=ase", "data.datasets.none.path=AL", "data.datasets.none.source.index=0:0"],
+     r"data=mix: dataset 'none' is empty"),
+    (["data.monitor_dataset=nosuch"], r"monitor_dataset='nosuch' is not a dataset of the mix.*big, small"),
+    (["data.datasets.small.weight=0"], r"dataset 'small' has weight 0.*positive"),
+    (["data.datasets.small.weight=-1"], r"dataset 'small' has weight -1.*positive"),
+    (["data.datasets.small.weight=heavy"], r"dataset 'small' has weight 'heavy'.*positive"),
+    (["data.epoch_size=0"], r"data.epoch_size=0: an epoch needs at least one structure"),
+])
+def test_bad_mix_is_refused_with_a_message_naming_it(tmp_path, data_root, overrides, message):
+    al = str(_aluminium(tmp_path / "al.extxyz", n=2))
+    cfg = train_config(tmp_path, data_root, *TINY, *_emt_mix(*(o.replace("AL", al) for o in overrides)))
+    with pytest.raises(PotentialsInputError, match=message) as err:
+        build(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_mix_without_datasets_or_with_unknown_monitor_is_refused(tmp_path, data_root):
+    with pytest.raises(PotentialsInputError, match=r"at least one dataset.*\+data@data.datasets.NAME"):
+        MixDataModule({})
+    cfg = train_config(tmp_path, data_root, *TINY, *_emt_mix("training.monitor=val/other/force_mae"))
+    with pytest.raises(PotentialsInputError, match=r"training.monitor=val/other/force_mae.*'other'.*big, small"):
+        run(cfg)
+
+
+# ----------------------------------------------------------------------------------------------- kill and rerun
+
+# 16 training structures, batches of 2: 8 steps per epoch, 16 in all; last.ckpt every 2 steps
+RESUME = [*TINY, *_emt_mix(), "trainer.max_epochs=2", "test=false", "checkpoint.every_n_train_steps=2"]
+RESUME_STEPS = 16
+# the run kills itself during its second write over last.ckpt (step 6 of 8 of the first epoch), the temporary file
+# complete and not yet renamed: it resumes from the checkpoint of step 4
+DIE = "trainer.plugins=[{_target_:tests.fault_injection.FaultyCheckpointIO,die_at:2,stage:written}]"
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_killed_mix_run_resumes_with_the_same_batches_and_weights(tmp_path, data_root, dtype, caplog):
+    reference = tmp_path / "uninterrupted"
+    settings = [*RESUME, f"dtype={dtype}"]
+    run(train_config(reference, data_root, *settings))
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", f"data_root={data_root}",
+               *settings]
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # `tests` for the plugin
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    killed = subprocess.run([*command, DIE], env=env, capture_output=True, text=True, timeout=300,
+                            start_new_session=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert checkpoint_step(last) == 4
+    with caplog.at_level(logging.INFO, logger="potentials"):
+        run(train_config(run_dir, data_root, *settings))  # the same command again (in this process: faster)
+    assert f"resuming from {last}" in caplog.text
+    ours = torch.load(last, map_location="cpu", weights_only=False)
+    theirs = torch.load(reference / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ours["global_step"] == theirs["global_step"] == RESUME_STEPS
+    for key, value in theirs["state_dict"].items():  # the same batches in the same order: bit for bit
+        assert torch.equal(ours["state_dict"][key], value), key
+    rows = pd.read_csv(run_dir / "csv" / "metrics.csv").dropna(subset=["train/loss_step"])
+    expected = pd.read_csv(reference / "csv" / "metrics.csv").dropna(subset=["train/loss_step"])
+    assert list(rows["step"]) == list(expected["step"]) == list(range(RESUME_STEPS))
+    assert rows["train/loss_step"].tolist() == expected["train/loss_step"].tolist()
