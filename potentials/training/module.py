@@ -42,6 +42,8 @@ class PotentialModule(L.LightningModule):
         min_lr_ratio: final learning rate as a fraction of ``lr`` (cosine).
         plateau_factor, plateau_patience: ReduceLROnPlateau settings (epochs).
         ema_decay: EMA decay per optimiser step; 0 disables EMA.
+        model_config: the model's full options (Hydra config, ``_target_`` included), recorded in every
+            checkpoint so that ``init_from`` can rebuild the model from the checkpoint alone.
     """
 
     def __init__(
@@ -56,11 +58,13 @@ class PotentialModule(L.LightningModule):
         plateau_factor: float = 0.5,
         plateau_patience: int = 10,
         ema_decay: float = 0.99,
+        model_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.potential = potential
         self.ema = copy.deepcopy(potential).requires_grad_(False) if ema_decay > 0 else None
         self.loss_fn = loss
+        self.model_config = model_config
         self.hp = dict(lr=lr, weight_decay=weight_decay, scheduler=scheduler, warmup_steps=warmup_steps,
                        min_lr_ratio=min_lr_ratio, plateau_factor=plateau_factor,
                        plateau_patience=plateau_patience, ema_decay=ema_decay)
@@ -155,9 +159,12 @@ class PotentialModule(L.LightningModule):
         if self.ema is None:
             return
         decay = min(self.hp["ema_decay"], (1 + steps) / (10 + steps))
-        # one call over all parameters (the EMA copy has the model's parameter list)
-        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.potential.parameters()],
-                             1.0 - decay)
+        # one call over the trained parameters (the EMA copy has the model's parameter list); frozen ones are left
+        # alone, so that they stay bit-identical in the EMA copy too
+        pairs = [(e, p.detach()) for e, p in zip(self.ema.parameters(), self.potential.parameters(), strict=True)
+                 if p.requires_grad]
+        if pairs:
+            torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - decay)
         for e, b in zip(self.ema.buffers(), self.potential.buffers(), strict=True):
             e.copy_(b)
 
@@ -166,7 +173,10 @@ class PotentialModule(L.LightningModule):
         for logger in self.loggers:
             logger.save()
         checkpoint["potentials"] = {"checkpoint_format": CHECKPOINT_FORMAT, "package_version": __version__,
-                                    "cutoff": self.potential.cutoff}
+                                    "cutoff": self.potential.cutoff, "physics": self.potential.physics.to_section()}
+        if self.model_config is not None:  # what init_from rebuilds the model from
+            checkpoint["potentials"]["model_config"] = {**self.model_config,
+                                                        **self.potential.model.resolved_config()}
         if self._unlogged_row is not None:
             step, epoch, value = self._unlogged_row
             checkpoint["potentials"]["unlogged_row"] = {"step": step,
