@@ -215,3 +215,27 @@ def test_train_py_names_a_contradicting_command_line_option(base, tmp_path):
                            "model.num_basis=4"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "model.num_basis=4" in proc.stderr and "the file's num_basis is 8" in proc.stderr
+
+
+def test_every_element_embedding_gets_fresh_rows_for_new_elements():
+    """EquiformerV2 embeds z in five tables (nodes, and edge source/target per block): every one keeps the base's
+    rows for known elements and the fresh model's rows for new ones."""
+    from potentials.models.equiformer import EquiformerV2
+
+    options = dict(cutoff=4.0, channels=8, num_layers=1, lmax=1, mmax=1, attn_hidden_channels=8, num_heads=2,
+                   attn_alpha_channels=4, attn_value_channels=4, ffn_hidden_channels=8, edge_channels=8, num_basis=8)
+    torch.manual_seed(0)
+    trained = EquiformerV2(**options)
+    loaded = finetune.Base(path=Path("base.pt"), kind="model", model_config={}, state=trained.state_dict(),
+                           cutoff=4.0, atomic_energies={CU: -3.0, AG: -2.5}, scale=1.0, shift=0.0, physics=None)
+    torch.manual_seed(1)
+    model = EquiformerV2(**options)
+    fresh = {name: m.weight.detach().clone() for name, m in finetune.embedding_tables(model)}
+    potential, new = finetune.init_potential(model, loaded, [CU, AU])
+    assert new == [AU] and potential.elements == [CU, AG, AU]
+    tables = dict(finetune.embedding_tables(potential.model))
+    assert len(tables) == 5
+    for name, m in tables.items():
+        own = trained.get_submodule(name).weight
+        assert torch.equal(m.weight[[CU, AG]], own[[CU, AG]]), name
+        assert torch.equal(m.weight[AU], fresh[name][AU]) and not torch.equal(m.weight[AU], own[AU]), name

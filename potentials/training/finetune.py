@@ -333,7 +333,7 @@ def apply_freeze(potential: Potential, patterns: Sequence[str]) -> list[str]:
     names = [name for name, _ in potential.named_parameters()]
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
-        tops = sorted({module_key(n) for n in names})
+        tops = list(dict.fromkeys(module_keys(potential).values()))
         raise PotentialsInputError(f"finetune.freeze: {', '.join(unmatched)} match no parameter of the model; "
                                    f"names look like model.embedding.weight; the modules are {', '.join(tops)}")
     frozen = []
@@ -344,18 +344,26 @@ def apply_freeze(potential: Potential, patterns: Sequence[str]) -> list[str]:
     return frozen
 
 
-def module_key(name: str) -> str:
-    """The module a parameter is counted under in the table: ``model.<child>``, with a layer index if any."""
-    parts = name.split(".")
-    keep = 3 if len(parts) > 3 and parts[2].isdigit() else 2
-    return ".".join(parts[:keep]) if len(parts) > keep else ".".join(parts[:-1]) or name
+def module_keys(potential: nn.Module) -> dict[str, str]:
+    """Parameter name → the module it is counted under in the table: ``model.<child>``, and one row per entry of a
+    ``ModuleList`` child (``model.layers.0``, ...)."""
+    lists = {f"{name}." for name, m in potential.named_modules() if isinstance(m, nn.ModuleList)}
+    keys = {}
+    for name, _ in potential.named_parameters():
+        parts = name.split(".")
+        keep = min(2, len(parts) - 1) or 1
+        if ".".join(parts[:keep]) + "." in lists and len(parts) > keep + 1:
+            keep += 1
+        keys[name] = ".".join(parts[:keep])
+    return keys
 
 
 def parameter_table(potential: nn.Module) -> str:
     """A table of trainable and frozen parameter counts per module (rows in parameter order), with a total."""
+    keys = module_keys(potential)
     rows: dict[str, list[int]] = {}
     for name, p in potential.named_parameters():
-        row = rows.setdefault(module_key(name), [0, 0])
+        row = rows.setdefault(keys[name], [0, 0])
         row[0 if p.requires_grad else 1] += p.numel()
     total = [sum(r[0] for r in rows.values()), sum(r[1] for r in rows.values())]
     width = max([len(k) for k in rows] + [6])
