@@ -239,3 +239,21 @@ def test_every_element_embedding_gets_fresh_rows_for_new_elements():
         own = trained.get_submodule(name).weight
         assert torch.equal(m.weight[[CU, AG]], own[[CU, AG]]), name
         assert torch.equal(m.weight[AU], fresh[name][AU]) and not torch.equal(m.weight[AU], own[AU]), name
+
+
+def test_lr_scales_give_parameter_groups_their_rate(base, tmp_path):
+    """finetune.lr_scales multiplies finetune.lr for the matching parameters; an unmatched glob is an error."""
+    cfg = _cfg(tmp_path, tmp_path / "data", *CU_AG, f"init_from={base / 'model.pt'}", "finetune.lr=0.002",
+               "finetune.lr_scales={model.readout.*: 0.5}", "training.scheduler=constant")
+    _, module = build(cfg, overrides=[])
+    opt = module.configure_optimizers()
+    readout = {id(p) for n, p in module.potential.named_parameters() if n.startswith("model.readout.")}
+    for group in opt.param_groups:
+        inside = {id(p) in readout for p in group["params"]}
+        assert len(inside) <= 1
+        assert group["lr"] == pytest.approx(0.001 if inside == {True} else 0.002)
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(
+        p.requires_grad for p in module.potential.parameters())
+    module.lr_scales = {"model.nothing.*": 2.0}
+    with pytest.raises(PotentialsInputError, match="model.nothing"):
+        module.configure_optimizers()

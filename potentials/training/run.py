@@ -132,11 +132,13 @@ def _finetune_module(cfg: DictConfig, dm, model: EnergyModel, base, physics: Phy
     frozen = finetune.apply_freeze(potential, list(ft.freeze or []))
     log.info("parameters (finetune.freeze=%s):\n%s", list(ft.freeze or []), finetune.parameter_table(potential))
     t = cfg.training
+    log.info("fine-tuning learning rate finetune.lr=%g (training.lr=%g is for runs from scratch)", ft.lr, t.lr)
     module = PotentialModule(  # the EMA copy is taken here: it starts from the base's weights
         potential, instantiate(t.loss), lr=ft.lr, weight_decay=t.weight_decay, scheduler=t.scheduler,
         warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, plateau_factor=t.plateau_factor,
         plateau_patience=t.plateau_patience, ema_decay=t.ema_decay,
         model_config={**OmegaConf.to_container(cfg.model, resolve=True), **model.resolved_config()},
+        lr_scales=OmegaConf.to_container(ft.lr_scales) if ft.get("lr_scales") else None,
     )
     module.base, module.frozen = base, frozen
     return module
