@@ -174,7 +174,7 @@ def test_finetune_new_element_frozen_lineage_and_info(base, tmp_path, caplog, ca
     capsys.readouterr()
     assert main(["info", str(run_dir / "model.pt")]) == 0
     out = capsys.readouterr().out
-    assert "elements:" in out and "- Au" in out and lineage["base"]["sha256"] in out and "lineage:" in out
+    assert "elements: [Cu, Ag, Au]" in out and lineage["base"]["sha256"] in out and "lineage:" in out
 
     caplog.clear()  # the run directory holds a checkpoint now: a rerun resumes it, and says so
     with caplog.at_level(logging.INFO, logger="potentials"):

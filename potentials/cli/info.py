@@ -49,45 +49,15 @@ def describe(path: str) -> dict[str, Any]:
     return info
 
 
-def _print(value: Any, indent: int = 2) -> None:
-    pad = " " * indent
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if isinstance(v, (dict, list)) and v and not all(isinstance(x, (str, int, float)) for x in v):
-                print(f"{pad}{k}:")
-                _print(v, indent + 2)
-            else:
-                print(f"{pad}{k}: {_scalar(v)}")
-    elif isinstance(value, list):
-        for v in value:
-            if isinstance(v, dict):
-                print(f"{pad}-")
-                _print(v, indent + 2)
-            else:
-                print(f"{pad}- {_scalar(v)}")
-    else:
-        print(f"{pad}{_scalar(value)}")
-
-
-def _scalar(v: Any) -> str:
-    if isinstance(v, dict):
-        return json.dumps(v) if v else "{}"
-    if isinstance(v, list):
-        return ", ".join(map(str, v)) if v else "[]"
-    return "none" if v is None else str(v)
-
-
 def main(args: argparse.Namespace) -> int:
-    info = describe(args.model)
+    import yaml
+
+    from potentials.training.finetune import _plain
+
+    info = _plain(describe(args.model))
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        print(json.dumps(info, indent=2, ensure_ascii=False))
         return 0
-    for section, value in info.items():
-        if value is None:
-            print(f"{section}: none")
-        elif isinstance(value, (dict, list)):
-            print(f"{section}:")
-            _print(value)
-        else:
-            print(f"{section}: {value}")
+    # YAML: one section per top-level key, short lists and leaf mappings on one line
+    print(yaml.safe_dump(info, sort_keys=False, allow_unicode=True, default_flow_style=None, width=120), end="")
     return 0
