@@ -246,6 +246,7 @@ def init_potential(model: nn.Module, base: Base, data_elements: Iterable[int], *
     """
     new = sorted(set(int(z) for z in data_elements) - set(base.elements))
     fresh = {name: m.weight.detach().clone() for name, m in embedding_tables(model)}
+    model.double()  # holds float32 and float64 weights exactly; the run casts to its dtype afterwards
     model.load_state_dict(base.state)
     if new and base.elements:  # a base without any known element has nothing to keep: all rows are its own
         with torch.no_grad():
