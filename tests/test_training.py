@@ -132,7 +132,8 @@ def test_ema_update_and_fused_optimiser():
     before = [p.detach().clone() for p in module.ema.parameters()]
     with torch.no_grad():
         for p in module.potential.parameters():
-            p.add_(torch.randn_like(p))
+            if p.requires_grad:  # what training changes; the EMA leaves fixed parameters alone
+                p.add_(torch.randn_like(p))
     module._update_ema(steps=100)  # decay min(0.9, 101/110) = 0.9
     for e, b, p in zip(module.ema.parameters(), before, module.potential.parameters(), strict=True):
         torch.testing.assert_close(e, 0.9 * b + 0.1 * p.detach())

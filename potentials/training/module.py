@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 from typing import Any
 
@@ -44,6 +45,10 @@ class PotentialModule(L.LightningModule):
         ema_decay: EMA decay per optimiser step; 0 disables EMA.
         datasets: names of the datasets of a mix (``data=mix``): validation and test log ``<split>/<name>/<metric>``
             for each besides the pooled ``<split>/<metric>``; the datamodule's ``loader_names`` maps loaders to names.
+        model_config: the model's full options (Hydra config, ``_target_`` included), recorded in every
+            checkpoint so that ``init_from`` can rebuild the model from the checkpoint alone.
+        lr_scales: learning-rate factors by glob over ``Potential.named_parameters()`` names (the first matching
+            glob counts); other parameters train at ``lr``.
     """
 
     def __init__(
@@ -59,11 +64,15 @@ class PotentialModule(L.LightningModule):
         plateau_patience: int = 10,
         ema_decay: float = 0.99,
         datasets: tuple[str, ...] | list[str] = (),
+        model_config: dict[str, Any] | None = None,
+        lr_scales: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.potential = potential
         self.ema = copy.deepcopy(potential).requires_grad_(False) if ema_decay > 0 else None
         self.loss_fn = loss
+        self.model_config = model_config
+        self.lr_scales = lr_scales
         self.hp = dict(lr=lr, weight_decay=weight_decay, scheduler=scheduler, warmup_steps=warmup_steps,
                        min_lr_ratio=min_lr_ratio, plateau_factor=plateau_factor,
                        plateau_patience=plateau_patience, ema_decay=ema_decay)
@@ -191,9 +200,12 @@ class PotentialModule(L.LightningModule):
         if self.ema is None:
             return
         decay = min(self.hp["ema_decay"], (1 + steps) / (10 + steps))
-        # one call over all parameters (the EMA copy has the model's parameter list)
-        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.potential.parameters()],
-                             1.0 - decay)
+        # one call over the trained parameters (the EMA copy has the model's parameter list); frozen ones are left
+        # alone, so that they stay bit-identical in the EMA copy too
+        pairs = [(e, p.detach()) for e, p in zip(self.ema.parameters(), self.potential.parameters(), strict=True)
+                 if p.requires_grad]
+        if pairs:
+            torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - decay)
         for e, b in zip(self.ema.buffers(), self.potential.buffers(), strict=True):
             e.copy_(b)
 
@@ -202,7 +214,10 @@ class PotentialModule(L.LightningModule):
         for logger in self.loggers:
             logger.save()
         checkpoint["potentials"] = {"checkpoint_format": CHECKPOINT_FORMAT, "package_version": __version__,
-                                    "cutoff": self.potential.cutoff}
+                                    "cutoff": self.potential.cutoff, "physics": self.potential.physics.to_section()}
+        if self.model_config is not None:  # what init_from rebuilds the model from
+            checkpoint["potentials"]["model_config"] = {**self.model_config,
+                                                        **self.potential.model.resolved_config()}
         if self._unlogged_row is not None:
             step, epoch, value = self._unlogged_row
             checkpoint["potentials"]["unlogged_row"] = {"step": step,
@@ -241,15 +256,25 @@ class PotentialModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hp
-        decay, no_decay = [], []
+        scales = dict(self.lr_scales or {})
+        matched = set()
+        groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
         for name, p in self.potential.named_parameters():
             if p.requires_grad:
-                (no_decay if p.ndim <= 1 or "embedding" in name else decay).append(p)
-        # the fused kernel (CPU and CUDA): one call per parameter instead of ~10 (6 instead of 12 ms per EquiformerV2
-        # step on this 2-core CPU)
-        fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+                glob = next((g for g in scales if fnmatch.fnmatchcase(name, g)), None)
+                matched.add(glob)
+                scale = float(scales[glob]) if glob is not None else 1.0
+                groups.setdefault((scale, not (p.ndim <= 1 or "embedding" in name)), []).append(p)
+        unmatched = [g for g in scales if g not in matched]
+        if unmatched:
+            raise PotentialsInputError(f"finetune.lr_scales: {', '.join(unmatched)} match no trained parameter "
+                                       "(names as in Potential.named_parameters(), e.g. model.readout.*)")
+        params = [p for group in groups.values() for p in group]
+        # the fused kernel (CPU and CUDA): one call per parameter instead of ~10
+        fused = all(p.device.type in ("cpu", "cuda") for p in params)
+        opt = torch.optim.AdamW(  # decayed then undecayed at scale 1 first: the groups of runs without scales
+            [{"params": group, "weight_decay": hp["weight_decay"] if decay else 0.0, "lr": hp["lr"] * scale}
+             for (scale, decay), group in groups.items() if group or scale == 1.0],
             lr=hp["lr"], fused=fused or None,
         )
         if hp["scheduler"] == "constant":

@@ -23,6 +23,7 @@ from potentials.errors import PotentialsInputError
 from potentials.models.base import EnergyModel
 from potentials.physics import PhysicsConfig, baseline
 from potentials.potential import Potential
+from potentials.training import finetune
 from potentials.training.checkpointing import (
     AtomicCheckpointIO,
     checkpoint_callbacks,
@@ -59,9 +60,24 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_name", run_name)
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningDataModule, PotentialModule]:
-    """Datamodule and LightningModule from a composed config (statistics written into ``cfg.data_stats``)."""
+def build(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[L.LightningDataModule, PotentialModule]:
+    """Datamodule and LightningModule from a composed config (statistics written into ``cfg.data_stats``).
+
+    With ``init_from``, the model options, cutoff and physics terms are the base file's (``overrides``, the
+    command line's task overrides, may not contradict them; None reads them from Hydra) and the module's
+    ``base`` attribute holds the loaded :class:`~potentials.training.finetune.Base`.
+    """
     dtype = getattr(torch, cfg.dtype)
+    base = None
+    if cfg.get("init_from"):
+        base = finetune.load_base(cfg.init_from)
+        finetune.check_overrides(finetune.explicit_overrides() if overrides is None else overrides, cfg, base)
+        with open_dict(cfg):  # the file's model: its options, cutoff and physics terms
+            cfg.model = base.model_config
+            cfg.cutoff = base.cutoff
+            cfg.physics = PhysicsConfig.from_options(base.physics).to_section()
+        log.info("fine-tuning %s (%s, %s): its model options, weights and cutoff %.4g Å", base.path,
+                 base.model_config.get("_target_"), base.kind, base.cutoff)
     try:
         dm = instantiate(cfg.data)
         dm.setup("fit")
@@ -77,6 +93,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, PotentialModule]:
     with open_dict(cfg):
         cfg.data_stats = {**stats.to_dict(), "atomic_energies": {str(k): v for k, v in stats.atomic_energies.items()}}
     model = instantiate(cfg.model)
+    if base is not None:
+        return dm, _finetune_module(cfg, dm, model, base, physics, dtype)
     if not isinstance(model, EnergyModel):
         raise PotentialsInputError(f"model._target_={cfg.model.get('_target_')} is not an energy model (a subclass "
                                    "of potentials.models.base.EnergyModel)")
@@ -92,17 +110,50 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, PotentialModule]:
         potential, instantiate(t.loss), lr=t.lr, weight_decay=t.weight_decay, scheduler=t.scheduler,
         warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, plateau_factor=t.plateau_factor,
         plateau_patience=t.plateau_patience, ema_decay=t.ema_decay, datasets=getattr(dm, "names", ()),
+        model_config=OmegaConf.to_container(cfg.model, resolve=True),
     )
     return dm, module
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train, test and export as the config says; returns a summary (paths and test metrics)."""
+def _finetune_module(cfg: DictConfig, dm, model: EnergyModel, base, physics: PhysicsConfig, dtype: torch.dtype
+                     ) -> PotentialModule:
+    """The module of an ``init_from`` run: the base's weights (fresh embedding rows for new elements), reference
+    energies as ``finetune.reference_energies`` says, ``finetune.freeze`` applied, ``finetune.lr``."""
+    ft = cfg.finetune
+    elements = [int(z) for z in cfg.data_stats.atomic_energies]
+    potential, new = finetune.init_potential(model, base, elements, kernels=cfg.kernels, physics=physics)
+    potential = potential.to(dtype)
+    if new:
+        from ase.data import chemical_symbols
+
+        log.info("elements the base never saw: %s (fresh embedding rows, fitted reference energies)",
+                 ", ".join(chemical_symbols[z] for z in new))
+    finetune.fit_reference_energies(potential, dm.splits["train"], base, new, ft.reference_energies)
+    frozen = finetune.apply_freeze(potential, list(ft.freeze or []))
+    log.info("parameters (finetune.freeze=%s):\n%s", list(ft.freeze or []), finetune.parameter_table(potential))
+    t = cfg.training
+    log.info("fine-tuning learning rate finetune.lr=%g (training.lr=%g is for runs from scratch)", ft.lr, t.lr)
+    module = PotentialModule(  # the EMA copy is taken here: it starts from the base's weights
+        potential, instantiate(t.loss), lr=ft.lr, weight_decay=t.weight_decay, scheduler=t.scheduler,
+        warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, plateau_factor=t.plateau_factor,
+        plateau_patience=t.plateau_patience, ema_decay=t.ema_decay, datasets=getattr(dm, "names", ()),
+        model_config={**OmegaConf.to_container(cfg.model, resolve=True), **model.resolved_config()},
+        lr_scales=OmegaConf.to_container(ft.lr_scales) if ft.get("lr_scales") else None,
+    )
+    module.base, module.frozen = base, frozen
+    return module
+
+
+def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train, test and export as the config says; returns a summary (paths and test metrics).
+
+    ``overrides``: the command line's task overrides that ``init_from`` checks (None: Hydra's).
+    """
     register_resolvers()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm, module = build(cfg)
+    dm, module = build(cfg, overrides)
     n_params = sum(p.numel() for p in module.potential.parameters())
     log.info("data: %s | train %d, val %d, test %d structures | %d parameters", dm.name,
              len(dm.splits["train"]), len(dm.splits["val"]), len(dm.splits["test"]), n_params)
@@ -135,6 +186,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     if rank_zero_only.rank == 0:  # before fit, the launcher's environment knows the rank; the trainer may not
         remove_stale_temporaries(run_dir / "checkpoints")
+    if ckpt_path and cfg.get("init_from"):
+        log.info("init_from=%s: the run directory already holds a checkpoint, so this run resumes from it (resume "
+                 "wins; the base file only gave the model its options)", cfg.init_from)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
         module.checkpoint_source = ckpt_path
@@ -161,7 +215,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         from potentials.export import save
 
         path = save(module.eval_potential, run_dir / "model.pt", OmegaConf.to_container(cfg.model, resolve=True),
-                    extra={"data": cfg.data.name, "test": summary.get("test", {})})
+                    extra={"data": cfg.data.name, "test": summary.get("test", {})},
+                    sections={"lineage": finetune.lineage(cfg, getattr(module, "base", None),
+                                                          {k: len(v) for k, v in dm.splits.items()},
+                                                          getattr(module, "frozen", ()))})
         summary["model"] = str(path)
     demo_split = "test" if dm.splits["test"] else "train"
     summary["_demo_atoms"] = dm.splits[demo_split][0].to_atoms()
