@@ -244,6 +244,30 @@ def test_refuses_wrong_units_types_and_elements(cu_model):
     lmp.close()
 
 
+class FailingLennardJones(LennardJones):
+    """Fails from the third force evaluation on."""
+
+    calls = 0
+
+    def calculate(self, *args, **kwargs):
+        FailingLennardJones.calls += 1
+        if FailingLennardJones.calls > 2:
+            raise RuntimeError("model failed")
+        super().calculate(*args, **kwargs)
+
+
+def test_an_error_in_the_callback_stops_the_run_and_is_raised():
+    lmp = new_lammps()
+    load_structure(lmp, rattled_cu(), types=["Cu"])
+    bridge = attach(lmp, FailingLennardJones(sigma=2.3, epsilon=0.4, rc=5.0), ["Cu"], cutoff=5.0)
+    lmp.command("fix nve all nve")
+    lmp.command("run 100")
+    assert lmp.extract_global("ntimestep") < 100
+    with pytest.raises(LammpsError, match="model failed"):
+        bridge.check()
+    lmp.close()
+
+
 def test_several_mpi_ranks_are_refused(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(textwrap.dedent("""
@@ -304,3 +328,15 @@ def test_command_refuses_an_input_with_a_force_field(cu_model, tmp_path, capsys)
     (tmp_path / "in.lammps").write_text("units metal\npair_style lj/cut 3.0\n")
     with pytest.raises(SystemExit, match=r"in.lammps:2: `pair_style lj/cut 3.0`"):
         cli(["lammps", str(cu_model), str(tmp_path / "in.lammps"), "--types", "Cu", "--log", "none"])
+
+
+def test_the_documented_example_runs_nve_and_npt(cu_model, tmp_path, monkeypatch, one_torch_thread):
+    example = Path(__file__).resolve().parent.parent / "docs" / "examples" / "lammps" / "in.cu"
+    monkeypatch.chdir(tmp_path)
+    assert cli(["lammps", str(cu_model), str(example), "--types", "Cu", "--var", "steps", "40", "--log", "none",
+                "--screen", "none"]) == 0
+    start, end = (float((tmp_path / f"nve_{w}.txt").read_text()) for w in ("start", "end"))
+    assert abs(end - start) / 256 < 1e-3  # eV/atom over 40 fs at 600 K
+    volume, pressure = map(float, (tmp_path / "npt_end.txt").read_text().split())
+    assert volume > 0 and np.isfinite(pressure)
+    assert (tmp_path / "cu.dump").read_text().count("ITEM: TIMESTEP") == 1
