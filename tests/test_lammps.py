@@ -199,10 +199,10 @@ def test_nve_follows_ase_velocity_verlet_and_conserves_energy(cu_model, one_torc
     # same trajectory (positions compared through the periodic cell: LAMMPS wraps atoms)
     frac = np.linalg.solve(ase_atoms.cell.array.T, (final - ase_atoms.positions).T).T
     frac -= np.round(frac)
-    assert np.abs(frac @ ase_atoms.cell.array).max() < 1e-6
-    spread = np.ptp(energies) / n
-    assert spread < 2 * np.ptp(ase_energies) / n + 1e-6
-    assert spread < 1e-3  # eV/atom over 50 fs at 600 K
+    assert np.abs(frac @ ase_atoms.cell.array).max() < 1e-7
+    # the same total energy every 5 steps (LAMMPS's and ASE's kinetic-energy constants differ by ~1e-7 relative)
+    np.testing.assert_allclose(energies, ase_energies, rtol=0, atol=1e-5)
+    assert np.ptp(energies) / n < 1e-4  # eV/atom over 50 fs at 600 K
 
 
 def test_npt_expands_a_compressed_cell(cu_model, one_torch_thread):
