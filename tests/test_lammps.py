@@ -224,6 +224,21 @@ def test_npt_expands_a_compressed_cell(cu_model, one_torch_thread):
     lmp.close()
 
 
+def test_box_relax_minimize_relieves_the_pressure(cu_model, one_torch_thread):
+    lmp = new_lammps()
+    load_structure(lmp, rattled_cu(a=3.45), types=["Cu"])
+    attach(lmp, cu_model, ["Cu"])
+    lmp.command("thermo_style custom step pe press vol")
+    lmp.command("run 0")
+    v0, p0 = lmp.get_thermo("vol"), lmp.get_thermo("press")
+    lmp.command("fix relax all box/relax iso 0.0 vmax 0.01")
+    lmp.command("minimize 0 1e-4 300 3000")
+    lmp.command("run 0")
+    assert lmp.get_thermo("vol") > 1.02 * v0
+    assert abs(lmp.get_thermo("press")) < 0.01 * p0
+    lmp.close()
+
+
 def test_direct_force_model_is_refused():
     pot = potential("equiformer_v2", direct_forces=True)
     lmp = new_lammps()
