@@ -199,22 +199,22 @@ def _check_setup(lmp, types: Sequence[str]) -> None:
         raise LammpsError(f"not chemical elements: {', '.join(unknown)}")
 
 
-def attach(lmp, model, types: Sequence[str], *, fix_id: str = "potentials", group: str = "all",
-           cutoff: float | None = None, device: str = "cpu", dtype: str = "float64", pair_zero: bool = True,
+def attach(lmp, model, types: Sequence[str], *, fix_id: str = "potentials", cutoff: float | None = None,
+           device: str = "cpu", dtype: str = "float64", pair_zero: bool = True,
            allow_direct_forces: bool = False, exit_on_error: bool = False) -> LammpsBridge:
     """Make ``model`` the force field of the LAMMPS instance ``lmp`` (whose box must exist, in ``units metal``).
 
-    Issues ``pair_style zero <cutoff>`` (unless ``pair_zero`` is false: neighbour lists and ghost atoms then follow
-    the model's range), gives types without a mass their element's mass, and adds
-    ``fix <fix_id> <group> external pf/callback 1 1`` with ``fix_modify <fix_id> energy yes virial yes``. Tunes the
-    process's memory allocator as the ASE calculator does (:func:`potentials.accel.tune_allocator`).
+    Issues ``pair_style zero <cutoff>`` so that neighbour lists and ghost atoms follow the model's range (unless
+    ``pair_zero`` is false, which leaves the pair style to the caller), gives types without a mass their element's
+    mass, and adds ``fix <fix_id> all external pf/callback 1 1`` with ``fix_modify <fix_id> energy yes virial yes``.
+    Tunes the process's memory allocator as the ASE calculator does (:func:`potentials.accel.tune_allocator`).
 
     Args:
         lmp: a ``lammps.lammps`` instance (see :func:`import_lammps`), on one MPI rank.
         model: a model file (``model.pt``), a :class:`~potentials.potential.Potential`, or any ASE calculator
             (then ``cutoff`` gives its range, Å).
         types: the element of each LAMMPS atom type, in type order (``["Cu", "Au"]``: type 1 is Cu).
-        fix_id, group: the fix's ID and group.
+        fix_id: the fix's ID (``f_<fix_id>`` in thermo output is the model's energy).
         device, dtype: where and in which precision a model runs (float64: energy conservation).
         allow_direct_forces: serve a model whose forces come from a direct head (not −∂E/∂r: NVE drifts and
             minimisation is inconsistent) with a warning instead of refusing it.
@@ -225,7 +225,8 @@ def attach(lmp, model, types: Sequence[str], *, fix_id: str = "potentials", grou
         the :class:`LammpsBridge`; LAMMPS keeps a reference to it, but keep yours to call ``check()``.
 
     Raises:
-        LammpsError: several MPI ranks, no box, other units, a wrong number of types, elements the model lacks.
+        LammpsError: several MPI ranks, no box, other units, a wrong number of types, a direct-force model.
+        PotentialsInputError: elements the model was not trained on.
     """
     types = list(types)
     _check_setup(lmp, types)  # before torch is imported: a refusal on many ranks comes at once
@@ -262,7 +263,7 @@ def attach(lmp, model, types: Sequence[str], *, fix_id: str = "potentials", grou
         lmp.command(f"pair_style zero {float(cutoff):.10g}")
         lmp.command("pair_coeff * *")
     bridge = LammpsBridge(lmp, evaluate, types, fix_id, exit_on_error)
-    lmp.command(f"fix {fix_id} {group} external pf/callback 1 1")
+    lmp.command(f"fix {fix_id} all external pf/callback 1 1")
     lmp.command(f"fix_modify {fix_id} energy yes virial yes")
     lmp.set_fix_external_callback(fix_id, bridge.callback, lmp)
     return bridge
