@@ -7,7 +7,7 @@ import sys
 
 from potentials import __version__
 from potentials.accel import tune_allocator
-from potentials.cli import evaluate, info, md, preprocess, properties, relax
+from potentials.cli import evaluate, info, lammps, md, preprocess, properties, relax
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     relax.add_parser(sub)
     evaluate.add_parser(sub)
     md.add_parser(sub)
+    lammps.add_parser(sub)
     preprocess.add_parser(sub)
     properties.add_parser(sub)  # phonons, elastic, eos
     info.add_parser(sub)
