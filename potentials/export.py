@@ -219,6 +219,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         )
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     ensemble = sections.get("ensemble")
+    if ensemble is not None and (not isinstance(ensemble, dict) or ensemble.get("kind") not in ("committee", "shallow")
+                                 or not isinstance(ensemble.get("members", []), list)):
+        raise PotentialsInputError(f"{path}: an ensemble section this version cannot read (kind "
+                                   f"{(ensemble or {}).get('kind') if isinstance(ensemble, dict) else '?'!r}); "
+                                   "upgrade potentials")
     potential, config = _build(path, sections, version, ensemble)
     if ensemble:
         from potentials.uncertainty import EnsemblePotential
