@@ -297,3 +297,69 @@ def calibration_figure(report: dict[str, Any], title: str = ""):
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+class UncertaintyExceeded(Exception):
+    """Raised by :class:`UncertaintyWatch` to stop a run at a frame above the threshold."""
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"step {step}: maximum force std {value:.4g} eV/Å is above the threshold")
+        self.step, self.value = step, value
+
+
+class UncertaintyWatch:
+    """Follows the maximum per-atom force std of a run (MD or relaxation) step by step.
+
+    Called after each step (``dynamics.attach(watch, interval=1)``), it reads ``forces_std`` from the calculator's
+    results, records the maximum, writes a line to ``log`` every ``interval`` steps and at every frame above
+    ``threshold`` (flagged ``UNCERTAIN``), stores ``max_force_std`` and ``uncertain`` in ``atoms.info`` (so the
+    trajectory frames carry them), and with ``stop`` raises :class:`UncertaintyExceeded` at the first such frame.
+
+    Raises:
+        PotentialsInputError: a threshold was given for a model without uncertainty.
+    """
+
+    def __init__(self, atoms, calc, *, log=None, interval: int = 10, threshold: float | None = None,
+                 stop: bool = False) -> None:
+        self.atoms, self.calc, self.interval = atoms, calc, max(int(interval), 1)
+        self.threshold, self.stop = threshold, stop
+        self.values: list[float] = []
+        self.flagged: list[int] = []
+        self.enabled = isinstance(getattr(calc, "potential", None), EnsemblePotential)
+        if not self.enabled and (threshold is not None or stop):
+            raise PotentialsInputError("--max-uncertainty and --stop-on-uncertainty need a model with uncertainty "
+                                       "(trained with ensemble.size > 1: a committee or a shallow ensemble)")
+        self.file = open(log, "w") if (log is not None and self.enabled) else None  # noqa: SIM115 - closed by close()
+        if self.file:
+            self.file.write("# step  max_force_std(eV/A)  flag\n")
+        self.step = 0
+
+    def __call__(self) -> None:
+        if not self.enabled:
+            return
+        self.atoms.get_forces()  # the results of the current geometry (cached by ASE when present)
+        value = float(np.max(self.calc.results["forces_std"])) if len(self.atoms) else 0.0
+        self.values.append(value)
+        over = self.threshold is not None and value > self.threshold
+        self.atoms.info["max_force_std"] = value
+        self.atoms.info["uncertain"] = bool(over)
+        if over:
+            self.flagged.append(self.step)
+        if self.file and (over or self.step % self.interval == 0):
+            self.file.write(f"{self.step:8d}  {value:.6g}{'  UNCERTAIN' if over else ''}\n")
+            self.file.flush()
+        step, self.step = self.step, self.step + 1
+        if over and self.stop:
+            raise UncertaintyExceeded(step, value)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+    def summary(self) -> dict[str, Any]:
+        """Maximum and mean of the recorded maxima, the flagged steps, and the threshold."""
+        if not self.values:
+            return {}
+        return {"max_force_std_eV_per_A": float(np.max(self.values)),
+                "mean_max_force_std_eV_per_A": float(np.mean(self.values)), "max_uncertainty": self.threshold,
+                "uncertain_steps": self.flagged[:1000], "n_uncertain_steps": len(self.flagged)}

@@ -238,3 +238,31 @@ def test_shallow_ensemble_trains_exports_and_reports(tmp_path):
     assert calc.results["energy_std"] > 0 and bool(np.all(calc.results["forces_std"] > 0))
     with pytest.raises(PotentialsInputError, match="ensemble.kind"):
         run(_config(tmp_path / "bad", "ensemble.kind=bagging", "ensemble.size=2"))
+
+
+def test_md_and_relax_log_flag_and_stop_on_uncertainty(committee, tmp_path):
+    from ase.io import read
+
+    from potentials.md import run_md
+    from potentials.relax import relax
+
+    path, members = committee
+    calc = PotentialCalculator.from_file(path)
+    atoms = _rattled_cu()
+    free = run_md(atoms, calc, steps=6, interval=2, uncertainty_log=tmp_path / "free.log")
+    lines = (tmp_path / "free.log").read_text().splitlines()[1:]
+    assert [int(line.split()[0]) for line in lines] == [0, 2, 4, 6] and free.stopped_at_step is None
+    assert free.uncertainty["max_force_std_eV_per_A"] > 0
+    result = run_md(atoms, calc, steps=20, interval=5, max_uncertainty=0.0, stop_on_uncertainty=True,
+                    trajectory=tmp_path / "md.traj", uncertainty_log=tmp_path / "md.log")
+    assert result.stopped_at_step == 0 and len(result.time_ps) == 1  # every frame is above a zero threshold
+    frames = read(tmp_path / "md.traj", ":")
+    assert frames[-1].info["uncertain"] and frames[-1].info["max_force_std"] > 0
+    assert "UNCERTAIN" in (tmp_path / "md.log").read_text()
+    assert result.summary()["uncertainty"]["stopped_at_step"] == 0
+    relaxed = relax(atoms, calc, steps=50, max_uncertainty=0.0, stop_on_uncertainty=True)
+    assert not relaxed.converged and relaxed.uncertainty["stopped_at_step"] == 0
+    relaxed = relax(atoms, calc, steps=5, max_uncertainty=1e9)
+    assert relaxed.uncertainty["n_uncertain_steps"] == 0 and relaxed.uncertainty["max_force_std_eV_per_A"] > 0
+    with pytest.raises(PotentialsInputError, match="need a model with uncertainty"):
+        run_md(atoms, PotentialCalculator(members[0]), steps=2, max_uncertainty=0.1)
