@@ -266,3 +266,36 @@ def test_md_and_relax_log_flag_and_stop_on_uncertainty(committee, tmp_path):
     assert relaxed.uncertainty["n_uncertain_steps"] == 0 and relaxed.uncertainty["max_force_std_eV_per_A"] > 0
     with pytest.raises(PotentialsInputError, match="need a model with uncertainty"):
         run_md(atoms, PotentialCalculator(members[0]), steps=2, max_uncertainty=0.1)
+
+
+def test_select_prefers_uncertain_frames_but_not_one_event_twice(committee, tmp_path, capsys):
+    from potentials.cli.main import main
+    from potentials.select import frame_scores, rms_distance, select_frames
+
+    path, members = committee
+    base = _rattled_cu()
+    event = []  # five nearly identical frames of one compressed event (high spread), then distinct normal frames
+    for k in range(5):
+        atoms = _rattled_cu(3.2, seed=2)
+        atoms.positions[0] += 0.002 * k
+        event.append(atoms)
+    others = [_rattled_cu(3.6, seed=10 + k) for k in range(4)]
+    frames = event + others
+    scores = frame_scores(frames, PotentialCalculator.from_file(path))
+    assert scores[:5].min() > scores[5:].max()  # the compressed event is the most uncertain
+    greedy = select_frames(frames, scores, 3, min_distance=0.0)
+    assert set(greedy.indices) <= set(range(5))  # without the rule: three copies of one event
+    diverse = select_frames(frames, scores, 3, min_distance=0.05)
+    assert len([i for i in diverse.indices if i < 5]) == 1 and diverse.skipped_as_similar == 4
+    assert all(rms_distance(frames[a], frames[b]) >= 0.05 for a in diverse.indices for b in diverse.indices if a < b)
+    assert rms_distance(base, base) == 0.0
+
+    data = tmp_path / "pool.extxyz"
+    ase.io.write(data, frames)
+    out = tmp_path / "to_label.extxyz"
+    assert main(["select", str(path), str(data), "--n", "3", "--min-distance", "0.05", "--out", str(out)]) in (0, None)
+    picked = ase.io.read(out, ":")
+    assert [a.info["source_index"] for a in picked] == diverse.indices
+    single = export.save(members[0], tmp_path / "single.pt", MODEL_CONFIG)
+    code = main(["select", str(single), str(data), "--n", "3", "--out", str(tmp_path / "x.extxyz")])
+    assert code == 2 and "needs a model with uncertainty" in capsys.readouterr().err

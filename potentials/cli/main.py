@@ -7,7 +7,7 @@ import sys
 
 from potentials import __version__
 from potentials.accel import tune_allocator
-from potentials.cli import evaluate, md, preprocess, properties, relax
+from potentials.cli import evaluate, md, preprocess, properties, relax, select
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_parser(sub)
     preprocess.add_parser(sub)
     properties.add_parser(sub)  # phonons, elastic, eos
+    select.add_parser(sub)
     return parser
 
 
