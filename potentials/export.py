@@ -98,7 +98,7 @@ def save(potential: Potential, path: str | os.PathLike, model_config: dict[str, 
         ensemble = {"kind": potential.kind, "size": potential.size, "calibration": dict(potential.calibration),
                     "members": [_potential_sections(m, model_config) for m in potential.members[1:]]}
         potential = potential.members[0]
-    version = 5 if ensemble else FORMAT_VERSION if potential.physics.any else 3
+    version = FORMAT_VERSION if ensemble else 4 if potential.physics.any else 3  # the oldest that reads it all
     payload = {
         "format_version": version,
         "package_version": _package_version(),
