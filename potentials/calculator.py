@@ -15,10 +15,15 @@ from potentials.accel import tune_allocator
 from potentials.graph import AtomicGraph
 from potentials.physics import KEEP, with_overrides
 from potentials.potential import Potential
+from potentials.uncertainty import EnsemblePotential
 
 
 class PotentialCalculator(Calculator):
     """ASE calculator: energy, free_energy and forces; stress (eV/Å³, ASE sign) for fully periodic cells.
+
+    A model with uncertainty (a committee or shallow ensemble, :mod:`potentials.uncertainty`) gives the members'
+    mean under those names and, in ``results``, ``energy_std`` (eV), ``forces_std`` ([N], eV/Å, per atom) and
+    ``stress_std`` (Voigt 6, eV/Å³, fully periodic cells), calibrated as stored in the model.
 
     Args:
         potential: the trained potential.
@@ -29,9 +34,11 @@ class PotentialCalculator(Calculator):
     (:func:`potentials.accel.tune_allocator`; ``POTENTIALS_MALLOC=system`` opts out).
     """
 
-    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "energy_std", "forces_std",
+                              "stress_std"]
 
-    def __init__(self, potential: Potential, device: str = "cpu", dtype: str = "float32", **kwargs) -> None:
+    def __init__(self, potential: Potential | EnsemblePotential, device: str = "cpu", dtype: str = "float32",
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         tune_allocator()
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -79,3 +86,9 @@ class PotentialCalculator(Calculator):
         self.results["forces"] = out[keys.FORCES].detach().double().cpu().numpy()
         if want_stress:
             self.results["stress"] = full_3x3_to_voigt_6_stress(out[keys.STRESS][0].detach().double().cpu().numpy())
+        if "energy_std" in out:  # a model with uncertainty
+            self.results["energy_std"] = float(out["energy_std"].detach().double().sum())
+            self.results["forces_std"] = out["forces_std"].detach().double().cpu().numpy()
+            if want_stress:
+                stress_std = out["stress_std"][0].detach().double().cpu().numpy()
+                self.results["stress_std"] = full_3x3_to_voigt_6_stress(stress_std)

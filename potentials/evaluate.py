@@ -39,6 +39,7 @@ class Predictions:
     [B, 3, 3] eV/Å³ (ASE sign); ``has_energy``, ``has_forces``, ``has_stress`` [B] bool.
     Per atom (N = Σ num_atoms): ``z`` [N]; ``structure`` [N] (index of its structure); ``fixed`` [N] bool;
     ``forces_ref``, ``forces_pred`` [N, 3] eV/Å.
+    A model with uncertainty adds ``energy_std`` [B] eV and ``forces_std`` [N] eV/Å (None otherwise).
     """
 
     num_atoms: np.ndarray
@@ -54,6 +55,8 @@ class Predictions:
     fixed: np.ndarray
     forces_ref: np.ndarray
     forces_pred: np.ndarray
+    energy_std: np.ndarray | None = None
+    forces_std: np.ndarray | None = None
 
     def force_mask(self, free_atoms_only: bool = False) -> np.ndarray:
         """[N] bool: atoms whose force label counts (of structures with forces; without fixed atoms if asked)."""
@@ -62,7 +65,7 @@ class Predictions:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write every array to a compressed ``.npz``."""
-        np.savez_compressed(path, **asdict(self))
+        np.savez_compressed(path, **{k: v for k, v in asdict(self).items() if v is not None})
         return Path(path)
 
 
@@ -139,6 +142,8 @@ def predict(potential: Potential, graphs: Iterable[AtomicGraph], *, batch_size: 
             "z": batch.z, "structure": batch.batch + offset, "fixed": batch.fixed, "forces_ref": batch.forces,
             "forces_pred": out[keys.FORCES],
         }
+        if "energy_std" in out:  # a model with uncertainty
+            values["energy_std"], values["forces_std"] = out["energy_std"], out["forces_std"]
         for name, value in values.items():
             value = value.detach().cpu()
             parts[name].append((value.double() if value.is_floating_point() else value).numpy())
@@ -146,10 +151,11 @@ def predict(potential: Potential, graphs: Iterable[AtomicGraph], *, batch_size: 
     bar.close()
     if not parts["num_atoms"]:
         raise ValueError("no structures to evaluate")
-    return Predictions(**{name: np.concatenate(chunks) for name, chunks in parts.items()})
+    return Predictions(**{name: np.concatenate(chunks) for name, chunks in parts.items() if chunks})
 
 
-def compute_metrics(pred: Predictions, free_atoms_only: bool = False) -> dict[str, Any]:
+def compute_metrics(pred: Predictions, free_atoms_only: bool = False, calibration: dict[str, float] | None = None
+                    ) -> dict[str, Any]:
     """Error metrics in reporting units (see :data:`UNITS`, defined in :mod:`potentials.metrics`); a metric without
     labels is left out.
 
@@ -158,7 +164,9 @@ def compute_metrics(pred: Predictions, free_atoms_only: bool = False) -> dict[st
         ``n_force_atoms`` atoms, ``n_stress`` structures), ``energy_mae``/``energy_rmse`` (meV/atom),
         ``force_mae``/``force_rmse`` (meV/Å, over components), ``force_cos`` (mean over atoms),
         ``stress_mae``/``stress_rmse`` (GPa, over the 9 components), ``per_element``
-        (symbol → ``n_atoms``, ``force_mae``, ``force_rmse``), ``free_atoms_only`` and ``units``.
+        (symbol → ``n_atoms``, ``force_mae``, ``force_rmse``), ``free_atoms_only`` and ``units``; for a model
+        with uncertainty, ``uncertainty`` (:func:`potentials.uncertainty.calibration_report`, with the model's
+        ``calibration`` scalars).
     """
     t, of = torch.from_numpy, definitions.metrics_of
     m: dict[str, Any] = {"n_structures": int(len(pred.num_atoms)), "n_atoms": int(pred.num_atoms.sum())}
@@ -183,11 +191,16 @@ def compute_metrics(pred: Predictions, free_atoms_only: bool = False) -> dict[st
         m.update(of(stress, ("stress_mae", "stress_rmse")))
     m["free_atoms_only"] = bool(free_atoms_only)
     m["units"] = UNITS
+    if pred.forces_std is not None:
+        from potentials.uncertainty import calibration_report
+
+        m["uncertainty"] = calibration_report(pred, calibration)
     return m
 
 
 def write_report(pred: Predictions, out_dir: str | os.PathLike, *, free_atoms_only: bool = False,
-                 prefix: str = "", title: str = "") -> tuple[dict[str, Any], dict[str, Path], dict]:
+                 prefix: str = "", title: str = "", calibration: dict[str, float] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, Path], dict]:
     """Metrics JSON, predictions ``.npz`` and PNG figures in ``out_dir``.
 
     Returns:
@@ -197,8 +210,12 @@ def write_report(pred: Predictions, out_dir: str | os.PathLike, *, free_atoms_on
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = compute_metrics(pred, free_atoms_only)
+    metrics = compute_metrics(pred, free_atoms_only, calibration)
     figures = plots.evaluation_figures(pred, metrics, free_atoms_only=free_atoms_only, title=title)
+    if "uncertainty" in metrics:  # binned predicted std against RMSE
+        from potentials.uncertainty import calibration_figure
+
+        figures["uncertainty_calibration"] = calibration_figure(metrics["uncertainty"], title)
     files = {name: plots.save(fig, out / f"{prefix}{name}.png") for name, fig in figures.items()}
     files["metrics"] = out / f"{prefix}metrics.json"
     files["metrics"].write_text(json.dumps(metrics, indent=2, ensure_ascii=False))
@@ -239,7 +256,8 @@ def evaluate_file(model: str | os.PathLike, data: str | os.PathLike, out_dir: st
         raise ValueError(f"file '{Path(data).name}': free_atoms_only asked, but no atom is fixed (no FixAtoms "
                          "constraint in any frame)")
     pred = predict(potential, graphs, batch_size=batch_size, progress=progress)
-    metrics, files, _ = write_report(pred, out_dir, free_atoms_only=free_atoms_only, title=Path(data).name)
+    metrics, files, _ = write_report(pred, out_dir, free_atoms_only=free_atoms_only, title=Path(data).name,
+                                     calibration=getattr(potential, "calibration", None))
     return metrics, files
 
 

@@ -8,11 +8,18 @@ sections (format 3)::
      "potential": {"cutoff": Å, "atomic_energies": {z: eV}, "scale": float, "shift": eV, "elements": [z, ...]},
      "runtime":   {"kernels": "auto"},
      "physics":   {"zbl": false, "dispersion": null | "d3bj", "functional": "pbe", ...},
-     "training":  {<provenance of the run: data set, test metrics>}}
+     "training":  {<provenance of the run: data set, test metrics>},
+     "ensemble":  {"kind": "committee" | "shallow", "size": N, "calibration": {"energy": s, "forces": s},
+                   "members": [{"model": ..., "potential": ..., "runtime": ..., "physics": ...}, ...]}}
 
 ``physics`` (:class:`potentials.physics.PhysicsConfig`) names the terms added to the network energy; no section
 means none.  A file with a term switched on is written as format 4, so that a format-3 reader, which would drop
 the term, refuses it; a file without physics terms stays format 3.
+
+``ensemble`` (:mod:`potentials.uncertainty`) makes the file a model with uncertainty; no section means a single
+model.  A committee's first member is the file's ``model``/``potential``/``runtime``/``physics`` sections and the
+others are in ``ensemble.members`` in the same sections; a shallow ensemble's ``model.state`` holds the backbone and
+its ``size`` readout heads.  A file with an ensemble is written as format 5, so that an older reader refuses it.
 
 ``model.config`` holds what the model resolved from its defaults (``EnergyModel.resolved_config``, e.g.
 EquiformerV2's grids) and the weights are the EMA weights when training used EMA.
@@ -39,7 +46,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,12 +54,17 @@ from potentials.errors import PotentialsInputError
 from potentials.models.base import EnergyModel
 from potentials.potential import KERNELS, Potential
 
+if TYPE_CHECKING:
+    from potentials.uncertainty import EnsemblePotential
+
 #: 1: flat keys.  2: model_config holds what a model resolved from its defaults (``resolved_config()``).
 #: 3: named sections (module docstring), ``runtime.kernels``.  4: a ``physics`` section with a term switched on.
-FORMAT_VERSION = 4
+#: 5: an ``ensemble`` section (committee or shallow ensemble).
+FORMAT_VERSION = 5
 UNITS = {"energy": "eV", "length": "Å", "forces": "eV/Å", "stress": "eV/Å³ (ASE sign)"}
 #: the top-level names this version writes and reads; any other is kept in ``Potential.metadata``
-SECTIONS = ("format_version", "package_version", "units", "model", "potential", "runtime", "physics", "training")
+SECTIONS = ("format_version", "package_version", "units", "model", "potential", "runtime", "physics", "training",
+            "ensemble")
 
 
 def _package_version() -> str:
@@ -74,16 +86,38 @@ def save(potential: Potential, path: str | os.PathLike, model_config: dict[str, 
         extra: provenance of the run (plain data), written as the ``training`` section.
         sections: further top-level sections (plain data), by name; a name this version writes itself is refused.
     """
+    from potentials.uncertainty import EnsemblePotential
+
     clash = sorted(set(sections or {}) & set(SECTIONS))
     if clash:
         raise ValueError(f"sections {clash} are written by save() itself")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in potential.model.state_dict().items()}
+    ensemble = None
+    if isinstance(potential, EnsemblePotential):
+        ensemble = {"kind": potential.kind, "size": potential.size, "calibration": dict(potential.calibration),
+                    "members": [_potential_sections(m, model_config) for m in potential.members[1:]]}
+        potential = potential.members[0]
+    version = FORMAT_VERSION if ensemble else 4 if potential.physics.any else 3  # the oldest that reads it all
     payload = {
-        "format_version": FORMAT_VERSION if potential.physics.any else 3,
+        "format_version": version,
         "package_version": _package_version(),
         "units": UNITS,
+        **_potential_sections(potential, model_config),
+        "training": extra or {},
+        **({"ensemble": ensemble} if ensemble else {}),
+        **(sections or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _potential_sections(potential: Potential, model_config: dict[str, Any]) -> dict[str, Any]:
+    """The ``model``, ``potential``, ``runtime`` and ``physics`` sections of one potential."""
+    state = {k: v.detach().cpu() for k, v in potential.model.state_dict().items()}
+    return {
         "model": {"config": {**model_config, **potential.model.resolved_config()}, "state": state},
         "potential": {
             "cutoff": potential.cutoff,
@@ -94,13 +128,7 @@ def save(potential: Potential, path: str | os.PathLike, model_config: dict[str, 
         },
         "runtime": {"kernels": potential.kernels},
         "physics": potential.physics.to_section(),
-        "training": extra or {},
-        **(sections or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def _sections(payload: dict[str, Any]) -> dict[str, Any]:
@@ -146,13 +174,14 @@ def _physics(path: Path, section: dict[str, Any] | None):
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-         cutoff: float | None = None) -> Potential:
+         cutoff: float | None = None) -> Potential | EnsemblePotential:
     """Load a file written by :func:`save` as a :class:`Potential` in eval mode on ``device`` with ``dtype``.
 
     ``potential.metadata`` holds ``format_version``, ``package_version``, ``units``, ``elements``, ``model_config``
     (as upgraded and used), ``training`` (also as ``extra``, its name in formats 1 and 2), ``runtime``, ``physics``
-    (as used; also ``potential.physics``) and every
-    section this version does not know, by name.
+    (as used; also ``potential.physics``), ``ensemble`` (kind, size, calibration; a file with one loads as an
+    :class:`~potentials.uncertainty.EnsemblePotential`, which also gives the spread) and every section this version
+    does not know, by name.
 
     Args:
         path: the model file.
@@ -165,8 +194,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         PotentialsInputError: not a model file (a Lightning ``.ckpt``, a damaged file), a newer file format, weights
             that do not fit the model config, or another ``cutoff`` than the model's.
     """
-    from hydra.utils import instantiate
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no model file at {path}")
@@ -191,9 +218,48 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
             f"{cutoff} Å (its radial functions end at the training cutoff); leave the cutoff out to use the model's"
         )
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    ensemble = sections.get("ensemble")
+    if ensemble is not None and (not isinstance(ensemble, dict) or ensemble.get("kind") not in ("committee", "shallow")
+                                 or not isinstance(ensemble.get("members", []), list)):
+        raise PotentialsInputError(f"{path}: an ensemble section this version cannot read (kind "
+                                   f"{(ensemble or {}).get('kind') if isinstance(ensemble, dict) else '?'!r}); "
+                                   "upgrade potentials")
+    potential, config = _build(path, sections, version, ensemble)
+    if ensemble:
+        from potentials.uncertainty import EnsemblePotential
+
+        members = [potential] + [_build(path, m, version, ensemble)[0] for m in ensemble.get("members") or []]
+        potential = EnsemblePotential(members, kind=ensemble.get("kind", "committee"),
+                                      calibration=ensemble.get("calibration"))
+    training = sections.get("training") or {}
+    potential.metadata = {
+        "format_version": version,
+        "package_version": sections.get("package_version"),
+        "units": sections.get("units", UNITS),
+        "elements": sections["potential"].get("elements", potential.elements),
+        "model_config": config,
+        "training": training,
+        "extra": training,
+        "runtime": {"kernels": "auto", **(sections.get("runtime") or {})},
+        "physics": potential.physics.to_section(),
+        **({"ensemble": {k: v for k, v in ensemble.items() if k != "members"}} if ensemble else {}),
+        **{k: v for k, v in sections.items() if k not in SECTIONS},
+    }
+    return potential.to(device=device, dtype=dtype).eval()
+
+
+def _build(path: Path, sections: dict[str, Any], version: int, ensemble: dict[str, Any] | None
+           ) -> tuple[Potential, dict[str, Any]]:
+    """The potential of one set of ``model``/``potential``/``runtime``/``physics`` sections, and its model config."""
+    from hydra.utils import instantiate
+
     config = dict(_required(path, sections, "model", "config"))
     config = _model_class(path, config).upgrade_config(config, version)
     model = instantiate(config)
+    if ensemble and ensemble.get("kind") == "shallow":
+        from potentials.uncertainty import ShallowEnsemble
+
+        model = ShallowEnsemble(model, int(ensemble["size"]))
     try:
         model.load_state_dict(_required(path, sections, "model", "state"))
     except RuntimeError as err:
@@ -205,24 +271,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
                                    f"{', '.join(map(repr, KERNELS))}; upgrade potentials")
     potential = Potential(
         model,
-        cutoff=trained_cutoff,
+        cutoff=float(_required(path, sections, "potential", "cutoff")),
         atomic_energies=atomic_energies,
         scale=_required(path, sections, "potential", "scale"),
         shift=_required(path, sections, "potential", "shift"),
         kernels=runtime["kernels"],
         physics=_physics(path, sections.get("physics")),
     )
-    training = sections.get("training") or {}
-    potential.metadata = {
-        "format_version": version,
-        "package_version": sections.get("package_version"),
-        "units": sections.get("units", UNITS),
-        "elements": sections["potential"].get("elements", sorted(atomic_energies)),
-        "model_config": config,
-        "training": training,
-        "extra": training,
-        "runtime": runtime,
-        "physics": potential.physics.to_section(),
-        **{k: v for k, v in sections.items() if k not in SECTIONS},
-    }
-    return potential.to(device=device, dtype=dtype).eval()
+    return potential, config

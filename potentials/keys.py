@@ -38,6 +38,10 @@ FORCES = "forces"
 STRESS = "stress"
 #: [B, 3, 3] float, eV, virial W = −∂E/∂ε = −V·σ.
 VIRIAL = "virial"
+#: [N, K] float, per-atom energies of each readout head of a shallow ensemble (model output, model units).
+NODE_ENERGY_HEADS = "node_energy_heads"
+#: [B, K] float, eV, the energy of each head of a shallow ensemble (``energy`` is their mean).
+ENERGY_HEADS = "energy_heads"
 
 #: [N] bool, atoms held fixed (OC20 subsurface atoms, ASE FixAtoms); zeros elsewhere.
 FIXED = "fixed"

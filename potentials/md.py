@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,9 @@ class MDResult:
         n_atoms: number of atoms.
         wall_time_s: wall-clock time of the integration, s.
         atoms: the final structure.
+        uncertainty: for a model with uncertainty, the maximum per-atom force std over the run and the steps above
+            the threshold (:meth:`potentials.uncertainty.UncertaintyWatch.summary`); empty otherwise.
+        stopped_at_step: the step where ``stop_on_uncertainty`` ended the run, or None.
     """
 
     time_ps: np.ndarray
@@ -45,6 +48,8 @@ class MDResult:
     n_atoms: int
     wall_time_s: float
     atoms: ase.Atoms
+    uncertainty: dict[str, Any] = field(default_factory=dict)
+    stopped_at_step: int | None = None
 
     @property
     def etot(self) -> np.ndarray:
@@ -75,6 +80,8 @@ class MDResult:
         if self.volume[0] > 0:
             out["volume_mean_A3"] = float(self.volume[half].mean())
             out["volume_change_percent"] = float((self.volume[-1] / self.volume[0] - 1) * 100)
+        if self.uncertainty:
+            out["uncertainty"] = {**self.uncertainty, "stopped_at_step": self.stopped_at_step}
         return out
 
 
@@ -169,7 +176,8 @@ def initialize_velocities(atoms: ase.Atoms, temperature_K: float, seed: int = 0)
 def run_md(atoms: ase.Atoms, calc, *, ensemble: str = "nve", temperature_K: float = 300.0, timestep_fs: float = 1.0,
            steps: int = 1000, seed: int = 0, trajectory: str | os.PathLike | None = None,
            logfile: str | os.PathLike | None = None, interval: int = 10, progress: bool = False,
-           **dynamics_options: Any) -> MDResult:
+           max_uncertainty: float | None = None, stop_on_uncertainty: bool = False,
+           uncertainty_log: str | os.PathLike | None = None, **dynamics_options: Any) -> MDResult:
     """Run MD on a copy of ``atoms`` from Maxwell–Boltzmann velocities at ``temperature_K``.
 
     Args:
@@ -184,6 +192,10 @@ def run_md(atoms: ase.Atoms, calc, *, ensemble: str = "nve", temperature_K: floa
         logfile: ``ase.md.MDLogger`` log written every ``interval`` steps (per-atom energies, T; stress if periodic).
         interval: steps between trajectory frames and log lines.
         progress: show a tqdm progress bar.
+        max_uncertainty: eV/Å; steps whose maximum per-atom force std is above it are flagged in
+            ``uncertainty_log`` and in the trajectory frames' ``info`` (``uncertain``); needs a model with
+            uncertainty.  For such a model, ``uncertainty_log`` gets the maximum force std every ``interval`` steps.
+        stop_on_uncertainty: end the run at the first flagged step (that frame is written to the trajectory).
     """
     from ase.io import Trajectory
     from ase.md import MDLogger
@@ -210,7 +222,13 @@ def run_md(atoms: ase.Atoms, calc, *, ensemble: str = "nve", temperature_K: floa
                                 f"E_tot/N={(record['epot'][-1] + record['ekin'][-1]) / len(atoms):.4f} eV")
 
     dyn.attach(observe, interval=1)
+    from potentials.uncertainty import UncertaintyExceeded, UncertaintyWatch
+
+    watch = UncertaintyWatch(atoms, calc, log=uncertainty_log, interval=interval, threshold=max_uncertainty,
+                             stop=stop_on_uncertainty)
+    dyn.attach(watch, interval=1)  # before the trajectory: its frames carry the flag
     files = []
+    traj = None
     if trajectory is not None:
         traj = Trajectory(str(trajectory), "w", atoms)
         files.append(traj)
@@ -220,16 +238,22 @@ def run_md(atoms: ase.Atoms, calc, *, ensemble: str = "nve", temperature_K: floa
         files.append(logger)
         dyn.attach(logger, interval=interval)
     start = time.perf_counter()
+    stopped = None
     try:
         dyn.run(steps)
+    except UncertaintyExceeded as exceeded:
+        stopped = exceeded.step
+        if traj is not None:
+            traj.write()  # the frame that stopped the run (the watch runs before the trajectory writer)
     finally:
+        watch.close()
         wall = time.perf_counter() - start
         bar.close()
         for f in files:
             f.close()
     arrays = {k: np.asarray(v, dtype=float) for k, v in record.items()}
     return MDResult(arrays["time"], arrays["epot"], arrays["ekin"], arrays["temperature"], arrays["volume"],
-                    len(atoms), wall, atoms)
+                    len(atoms), wall, atoms, watch.summary(), stopped)
 
 
 def write_outputs(result: MDResult, out_dir: str | os.PathLike, settings: dict[str, Any]) -> dict[str, Path]:

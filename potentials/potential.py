@@ -173,15 +173,19 @@ class Potential(nn.Module):
             with accel.backend(self.kernels), accel.small_steps_serial(derivatives_only):
                 with grad_scope.inputs_only(derivatives_only):
                     out = self.model(data)
-                direct_forces = None
+                direct_forces = heads = None
                 if isinstance(out, Mapping):
                     direct_forces = out.get(keys.FORCES)
+                    heads = out.get(keys.NODE_ENERGY_HEADS)
                     out = out[keys.NODE_ENERGY]
                 node_energy = (self.scale * out + self.shift + self.atomic_energies[z]).to(pos.dtype)
                 if self.physics_terms is not None:
                     node_energy = node_energy + self.physics_terms(data, pos, cell, batch)
                 energy = _scatter_sum(node_energy, batch, n_graphs)
                 result = {keys.ENERGY: energy, keys.NODE_ENERGY: node_energy}
+                if heads is not None:  # a shallow ensemble's heads differ only in the network's term
+                    spread = self.scale * (heads - out.unsqueeze(-1)).to(pos.dtype)
+                    result[keys.ENERGY_HEADS] = energy.unsqueeze(-1) + _scatter_sum(spread, batch, n_graphs)
                 if direct_forces is not None:
                     result[keys.FORCES] = direct_forces * self.scale
                     if compute_forces:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import ase
 import numpy as np
@@ -24,6 +25,9 @@ class RelaxResult:
     initial_fmax: float
     final_fmax: float
     atoms: ase.Atoms
+    #: for a model with uncertainty: the maximum per-atom force std along the path, the flagged steps
+    #: (:meth:`potentials.uncertainty.UncertaintyWatch.summary`) and ``stopped_at_step``; empty otherwise
+    uncertainty: dict[str, Any] = field(default_factory=dict)
 
 
 def _fmax(obj) -> float:
@@ -40,6 +44,9 @@ def relax(
     cell: bool = False,
     trajectory: str | os.PathLike | None = None,
     logfile: str | None = None,
+    max_uncertainty: float | None = None,
+    stop_on_uncertainty: bool = False,
+    uncertainty_log: str | os.PathLike | None = None,
 ) -> RelaxResult:
     """Relax ``atoms`` (a copy) with ``calc`` until every force (and, with ``cell``, stress term) is below ``fmax``.
 
@@ -52,6 +59,8 @@ def relax(
         cell: also relax the cell (needs a fully periodic structure).
         trajectory: ASE .traj file to write the path to.
         logfile: optimiser log (None: silent, "-": stdout).
+        max_uncertainty, stop_on_uncertainty, uncertainty_log: as in :func:`potentials.md.run_md` (every step is
+            logged); a stopped relaxation is not converged.
     """
     name = optimizer.upper()
     if name not in OPTIMIZERS:
@@ -62,7 +71,22 @@ def relax(
     atoms.calc = calc
     target = FrechetCellFilter(atoms) if cell else atoms
     e0, f0 = atoms.get_potential_energy(), _fmax(target)
+    from potentials.uncertainty import UncertaintyExceeded, UncertaintyWatch
+
+    watch = UncertaintyWatch(atoms, calc, log=uncertainty_log, interval=1, threshold=max_uncertainty,
+                             stop=stop_on_uncertainty)
     opt = OPTIMIZERS[name](target, trajectory=None if trajectory is None else str(trajectory), logfile=logfile)
-    converged = bool(opt.run(fmax=fmax, steps=steps))
+    opt.insert_observer(watch, interval=1)  # before the trajectory writer: its frames carry the flag
+    stopped = None
+    try:
+        converged = bool(opt.run(fmax=fmax, steps=steps))
+    except UncertaintyExceeded as exceeded:
+        converged, stopped = False, exceeded.step
+        writer = getattr(opt, "trajectory", None)
+        if callable(writer):
+            writer()  # the frame that stopped the run (the watch runs before the trajectory writer)
+    finally:
+        watch.close()
+    uncertainty = {**watch.summary(), "stopped_at_step": stopped} if watch.values else {}
     return RelaxResult(converged, int(opt.nsteps), float(e0), float(atoms.get_potential_energy()), f0,
-                       _fmax(target), atoms)
+                       _fmax(target), atoms, uncertainty)

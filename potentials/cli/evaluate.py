@@ -3,7 +3,9 @@
 DATA is any file ``ase.io.read`` understands with labels (extxyz, traj, ASE db) or an MD17/rMD17 ``.npz``.
 Writes ``metrics.json`` (energy MAE/RMSE in meV/atom, force MAE/RMSE in meV/Å and cosine, stress MAE/RMSE in
 GPa where labelled, per-element force errors), ``predictions.npz`` and PNG figures (energy and force parity,
-force-error histogram, per-element force errors) to ``--out``.
+force-error histogram, per-element force errors) to ``--out``.  For a model with uncertainty (a committee or a
+shallow ensemble) it also reports predicted std against actual error per structure and per atom (Spearman rank
+correlation, binned std against RMSE, the stored calibration) under ``uncertainty`` and plots it.
 """
 
 from __future__ import annotations
@@ -69,4 +71,13 @@ def format_metrics(m: dict, what: str) -> str:
         for symbol, e in m["per_element"].items():
             lines.append(f"    {symbol:<3} MAE {e['force_mae']:9.3f}  RMSE {e['force_rmse']:9.3f}  "
                          f"({e['n_atoms']} atoms)")
+    u = m.get("uncertainty")
+    if u:
+        scale = ", ".join(f"{k} × {v:.3g}" for k, v in u.get("calibration_scale", {}).items())
+        lines.append(f"  uncertainty (calibration: {scale or 'none'}):")
+        for level in ("forces_per_atom", "forces_per_structure", "energy_per_structure"):
+            if level in u:
+                r = u[level]
+                lines.append(f"    {level:<21} Spearman {r['spearman']:6.3f}  RMS std {r['rms_std']:.4g}  "
+                             f"RMSE {r['rmse']:.4g} {r['unit']}  ({r['n']})")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ import sys
 
 from potentials import __version__
 from potentials.accel import tune_allocator
-from potentials.cli import evaluate, info, lammps, md, preprocess, properties, relax
+from potentials.cli import evaluate, info, lammps, md, preprocess, properties, relax, select
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     preprocess.add_parser(sub)
     properties.add_parser(sub)  # phonons, elastic, eos
     info.add_parser(sub)
+    select.add_parser(sub)
     return parser
 
 

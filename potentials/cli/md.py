@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from potentials.cli.options import add_model_argument, add_runtime_options
+from potentials.errors import PotentialsInputError
 from potentials.md import BAROSTATS, ENSEMBLES, THERMOSTATS
 
 
@@ -43,6 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--interval", type=int, default=10, help="steps between trajectory frames and log lines")
     p.add_argument("--out", default="md", help="output folder (default ./md)")
     p.add_argument("--seed", type=int, default=0, help="seed of the velocities and stochastic thermostats")
+    p.add_argument("--max-uncertainty", type=float, default=None, metavar="X",
+                   help="eV/Å: flag steps whose maximum per-atom force std is above X in md_uncertainty.log and in "
+                        "the trajectory (atoms.info['uncertain']); needs a model with uncertainty")
+    p.add_argument("--stop-on-uncertainty", action="store_true",
+                   help="stop at the first step above --max-uncertainty (that frame is written)")
     add_runtime_options(p, "float64", "energy conservation")
     p.set_defaults(func=main)
 
@@ -77,8 +83,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = run_md(atoms, calc, ensemble=args.ensemble, temperature_K=args.temperature,
                         timestep_fs=args.timestep, steps=args.steps, seed=args.seed, trajectory=out / "md.traj",
-                        logfile=out / "md.log", interval=args.interval, progress=not args.no_progress, **options)
-    except ValueError as err:
+                        logfile=out / "md.log", interval=args.interval, progress=not args.no_progress,
+                        max_uncertainty=args.max_uncertainty, stop_on_uncertainty=args.stop_on_uncertainty,
+                        uncertainty_log=out / "md_uncertainty.log", **options)
+    except (ValueError, PotentialsInputError) as err:
         raise SystemExit(f"error: {args.structure}: {err}") from None
     files = write_outputs(result, out, settings)
     summary = json.loads(files["summary"].read_text())
@@ -98,6 +106,12 @@ def format_summary(s: dict) -> str:
         lines.append(f"  E_tot drift                {s['etot_drift_meV_per_atom_per_ps']:+.4g} meV/atom/ps "
                      f"(fluctuation {s['etot_std_meV_per_atom']:.3g} meV/atom, max deviation "
                      f"{s['etot_max_deviation_meV_per_atom']:.3g} meV/atom)")
+    u = s.get("uncertainty")
+    if u:
+        lines.append(f"  max force std              {u['max_force_std_eV_per_A']:.4g} eV/Å (mean of the per-step "
+                     f"maxima {u['mean_max_force_std_eV_per_A']:.4g}); {u['n_uncertain_steps']} steps above "
+                     f"{u['max_uncertainty']}" + (f"; stopped at step {u['stopped_at_step']}"
+                                                   if u.get("stopped_at_step") is not None else ""))
     if "volume_mean_A3" in s and s["ensemble"] == "npt":
         lines.append(f"  volume (second half)       {s['volume_mean_A3']:.2f} Å³ "
                      f"({s['volume_change_percent']:+.2f}% at the end)")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from potentials.cli.options import add_model_argument, add_runtime_options
+from potentials.errors import PotentialsInputError
 from potentials.relax import OPTIMIZERS, relax
 from potentials.structure_io import WRITE_FORMATS, collect_structures, write_structure
 
@@ -27,6 +28,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=500, help="maximum optimiser steps (default 500)")
     p.add_argument("--optimizer", default="FIRE", type=str.upper, choices=sorted(OPTIMIZERS))
     p.add_argument("--cell", action="store_true", help="relax the cell too (FrechetCellFilter)")
+    p.add_argument("--max-uncertainty", type=float, default=None, metavar="X",
+                   help="eV/Å: flag steps whose maximum per-atom force std is above X (<name>_uncertainty.log, "
+                        "trajectory info); needs a model with uncertainty")
+    p.add_argument("--stop-on-uncertainty", action="store_true",
+                   help="stop a relaxation at its first step above --max-uncertainty (reported not converged)")
     p.add_argument("--out", default="relaxed", help="output folder (default ./relaxed)")
     p.add_argument("--format", default="extxyz", type=str.lower, choices=sorted(WRITE_FORMATS),
                    help="format of the relaxed structures (default extxyz, which keeps energy, forces and stress; "
@@ -58,15 +64,18 @@ def main(args: argparse.Namespace) -> int:
         bar.set_postfix_str(name[:30])
         try:
             result = relax(atoms, calc, fmax=args.fmax, steps=args.steps, optimizer=args.optimizer,
-                           cell=args.cell, trajectory=out / f"{name}.traj")
-        except ValueError as err:
+                           cell=args.cell, trajectory=out / f"{name}.traj", max_uncertainty=args.max_uncertainty,
+                           stop_on_uncertainty=args.stop_on_uncertainty,
+                           uncertainty_log=out / f"{name}_uncertainty.log")
+        except (ValueError, PotentialsInputError) as err:
             bar.close()
             raise SystemExit(f"error: structure {name}: {err}") from None
         target = write_structure(result.atoms, out, f"{name}_relaxed", args.format)
         rows.append({"structure": name, "atoms": len(atoms), "converged": result.converged, "steps": result.steps,
                      "energy_eV": result.final_energy, "energy_per_atom_eV": result.final_energy / len(atoms),
                      "fmax_eV_per_A": result.final_fmax, "initial_energy_eV": result.initial_energy,
-                     "initial_fmax_eV_per_A": result.initial_fmax, "output": str(target)})
+                     "initial_fmax_eV_per_A": result.initial_fmax, "output": str(target),
+                     **({"uncertainty": result.uncertainty} if result.uncertainty else {})})
         bar.update(1)
     bar.close()
     print(format_table(rows))

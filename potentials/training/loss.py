@@ -14,7 +14,8 @@ from torch.nn import functional as F
 
 from potentials import keys
 
-TERMS = (keys.ENERGY, keys.FORCES, keys.STRESS)
+#: ``energy_nll``: the Gaussian NLL of a shallow ensemble's heads (potentials.training.ensemble.EnsembleLoss)
+TERMS = (keys.ENERGY, keys.FORCES, keys.STRESS, "energy_nll")
 
 
 def _masked_sum(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str, delta: float

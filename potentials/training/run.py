@@ -23,7 +23,7 @@ from potentials.errors import PotentialsInputError
 from potentials.models.base import EnergyModel
 from potentials.physics import PhysicsConfig, baseline
 from potentials.potential import Potential
-from potentials.training import finetune
+from potentials.training import ensemble, finetune
 from potentials.training.checkpointing import (
     AtomicCheckpointIO,
     checkpoint_callbacks,
@@ -70,6 +70,10 @@ def build(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[L.Lightn
     dtype = getattr(torch, cfg.dtype)
     base = None
     if cfg.get("init_from"):
+        if ensemble.is_shallow(cfg):
+            raise PotentialsInputError("init_from with ensemble.kind=shallow: a shallow ensemble's readout heads "
+                                       "cannot start from a single-head model file; fine-tune a committee "
+                                       "(ensemble.kind=committee) instead")
         base = finetune.load_base(cfg.init_from)
         finetune.check_overrides(finetune.explicit_overrides() if overrides is None else overrides, cfg, base)
         with open_dict(cfg):  # the file's model: its options, cutoff and physics terms
@@ -98,6 +102,7 @@ def build(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[L.Lightn
     if not isinstance(model, EnergyModel):
         raise PotentialsInputError(f"model._target_={cfg.model.get('_target_')} is not an energy model (a subclass "
                                    "of potentials.models.base.EnergyModel)")
+    model = ensemble.wrap_model(model, cfg)  # readout heads of a shallow ensemble
     model_cutoff = model.cutoff
     if abs(model_cutoff - float(cfg.cutoff)) > 1e-9:
         raise PotentialsInputError(f"model.cutoff={model_cutoff} Å differs from cutoff={cfg.cutoff} Å, the radius the "
@@ -106,8 +111,9 @@ def build(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[L.Lightn
                           kernels=cfg.kernels, physics=physics)
     potential = potential.to(dtype)
     t = cfg.training
+    loss = ensemble.wrap_loss(instantiate(t.loss), cfg)  # the heads' NLL term of a shallow ensemble
     module = PotentialModule(
-        potential, instantiate(t.loss), lr=t.lr, weight_decay=t.weight_decay, scheduler=t.scheduler,
+        potential, loss, lr=t.lr, weight_decay=t.weight_decay, scheduler=t.scheduler,
         warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, plateau_factor=t.plateau_factor,
         plateau_patience=t.plateau_patience, ema_decay=t.ema_decay, datasets=getattr(dm, "names", ()),
         model_config=OmegaConf.to_container(cfg.model, resolve=True),
@@ -150,6 +156,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     ``overrides``: the command line's task overrides that ``init_from`` checks (None: Hydra's).
     """
     register_resolvers()
+    if ensemble.is_committee(cfg):  # member by member, each a run of its own
+        return ensemble.run_committee(cfg, run)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -214,7 +222,9 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     if cfg.export and trainer.is_global_zero:
         from potentials.export import save
 
-        path = save(module.eval_potential, run_dir / "model.pt", OmegaConf.to_container(cfg.model, resolve=True),
+        exported, info = ensemble.for_export(module.eval_potential, cfg, dm.splits)  # calibrated heads
+        summary.update(info)
+        path = save(exported, run_dir / "model.pt", OmegaConf.to_container(cfg.model, resolve=True),
                     extra={"data": cfg.data.name, "test": summary.get("test", {})},
                     sections={"lineage": finetune.lineage(cfg, getattr(module, "base", None),
                                                           {k: len(v) for k, v in dm.splits.items()},
