@@ -1,4 +1,4 @@
-"""``potentials phonons|elastic|eos MODEL STRUCTURE``: material properties of a trained model.
+"""``potentials hessian|phonons|elastic|eos MODEL STRUCTURE``: material properties of a trained model.
 
 Each command writes a JSON record beside its PNG figures in ``--out``; see docs/properties.md for the conventions
 (units, Voigt order, stress sign). The library functions behind them (:mod:`potentials.properties`) take any ASE
@@ -23,6 +23,11 @@ C_ij = dσ_i/dε_j from symmetric ± strains of each Voigt component (xx, yy, zz
 strains), the atoms relaxed at every strain. Writes elastic.json (C_GPa, Voigt/Reuss/Hill bulk and shear moduli,
 Born stability) and elastic.png."""
 
+HESSIAN = """The Hessian d²E/dr_i dr_j of the structure (eV/Å², cell fixed) by a second autograd pass through
+the model, and the harmonic frequencies of its mass-weighted form (cm⁻¹; imaginary modes as negative numbers).
+Writes hessian.npy ([3N, 3N], row 3i+a: atom i, direction a) and hessian.json (frequencies, count of imaginary
+modes below -10 cm⁻¹, largest asymmetry |H - Hᵀ|)."""
+
 EOS = """Equation of state: E(V) at volumes around the relaxed one, the cell scaled isotropically for cubic
 crystals or its shape relaxed at fixed volume otherwise (the positions relaxed in both), fitted with the
 third-order Birch-Murnaghan form. Writes eos.json (V0 in Å³ per cell, E0 in eV, B0_GPa, B0_prime, the samples)
@@ -31,7 +36,7 @@ and eos.png."""
 
 def _common(p: argparse.ArgumentParser, out: str) -> None:
     add_model_argument(p)
-    p.add_argument("structure", help="the crystal (any periodic file ASE or pymatgen reads; see --index)")
+    p.add_argument("structure", help="the structure (any file ASE or pymatgen reads; see --index)")
     p.add_argument("--index", default="-1", help="frame of a multi-frame file (default -1: the last)")
     p.add_argument("--out", default=out, help=f"output folder (default ./{out})")
     add_runtime_options(p, "float64", "second derivatives and small energy differences")
@@ -39,6 +44,11 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("hessian", help="Hessian and harmonic frequencies of a structure (molecule or crystal)",
+                       description=HESSIAN, formatter_class=fmt)
+    _common(p, "hessian")
+    p.set_defaults(func=hessian_main)
+
     p = sub.add_parser("phonons", help="phonon bands, DOS and thermal properties (phonopy)", description=PHONONS,
                        formatter_class=fmt)
     _common(p, "phonons")
@@ -181,4 +191,28 @@ def eos_main(args: argparse.Namespace) -> int:
     print(f"Birch-Murnaghan fit for {record['formula']} ({result.mode} cells, {len(result.volumes)} volumes): "
           f"V0 {f['V0']:.4f} Å³, E0 {f['E0']:.5f} eV, B0 {f['B0_GPa']:.2f} GPa, B0' {f['B0_prime']:.3f}")
     print(f"\nwritten to {out}/: {path.name}, eos.png")
+    return 0
+
+
+def hessian_main(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from potentials.properties.hessian import harmonic_frequencies, hessian
+
+    atoms, calc, out, settings = _load(args)
+    try:
+        hess = hessian(atoms, calc)
+    except ValueError as err:
+        raise SystemExit(f"error: {args.structure}: {err}") from None
+    frequencies = harmonic_frequencies(hess, atoms.get_masses())
+    np.save(out / "hessian.npy", hess)
+    record = {**settings, "formula": atoms.get_chemical_formula(), "n_atoms": len(atoms),
+              "units": {"hessian": "eV/Å²", "frequencies": "cm^-1"},
+              "frequencies_cm-1": frequencies.tolist(), "imaginary_modes": int((frequencies < -10.0).sum()),
+              "max_asymmetry_eV_per_A2": float(np.abs(hess - hess.T).max())}
+    path = _write(out, "hessian.json", record)
+    shown = " ".join(f"{f:.1f}" for f in frequencies[-6:])
+    print(f"Hessian of {record['formula']} ({3 * len(atoms)} x {3 * len(atoms)}, eV/Å²); highest frequencies "
+          f"{shown} cm⁻¹; imaginary modes: {record['imaginary_modes']}")
+    print(f"\nwritten to {out}/: {path.name}, hessian.npy")
     return 0

@@ -81,3 +81,20 @@ def _autograd(atoms: ase.Atoms, calc, rows: list[int]) -> np.ndarray:
         (grad,) = torch.autograd.grad(flat[j], pos, retain_graph=k + 1 < len(index), allow_unused=True)
         out[k] = 0.0 if grad is None else -grad.reshape(-1)
     return out.detach().double().cpu().numpy()
+
+
+def harmonic_frequencies(hess: np.ndarray, masses: np.ndarray) -> np.ndarray:
+    """Harmonic frequencies (cm⁻¹, ascending) of a Hessian [3N, 3N] in eV/Å² with masses in amu.
+
+    Eigenvalues of the mass-weighted Hessian M^-½ H M^-½; an imaginary mode (negative eigenvalue) is returned as a
+    negative frequency, as ASE's vibrations report it with an ``i``. Translations and rotations give the values
+    nearest zero.
+    """
+    from ase import units
+
+    m = np.repeat(np.asarray(masses, dtype=float), 3)
+    weighted = hess / np.sqrt(np.outer(m, m))
+    eigenvalues = np.linalg.eigvalsh(0.5 * (weighted + weighted.T))
+    # ħω in eV for ω² in eV/(Å² amu), the factor ASE's vibrations use
+    hbar_omega = units._hbar * 1e10 / np.sqrt(units._e * units._amu) * np.sqrt(np.abs(eigenvalues))
+    return np.sign(eigenvalues) * hbar_omega / units.invcm
