@@ -208,9 +208,19 @@ def relax_many(
             pending = [i for i in pending if i not in taken]
         if not active:
             continue
-        geometries = [job.geometry() for job in active]
-        graphs = [_graph(pos, c, job.atoms, potential.cutoff, dtype) for job, (pos, c) in
-                  zip(active, geometries, strict=True)]
+        geometries, graphs, kept = [], [], []
+        for job in active:
+            pos, c = job.geometry()
+            try:  # a cell deformed beyond what the neighbour search accepts ends that structure only
+                graphs.append(_graph(pos, c, job.atoms, potential.cutoff, dtype))
+            except ValueError as err:
+                finish(job, PotentialsInputError(f"step {job.steps}: {err}"))
+                continue
+            geometries.append((pos, c))
+            kept.append(job)
+        active = kept
+        if not active:
+            continue
         need_stress = cell or any(bool(np.all(job.atoms.pbc)) for job in active)
         out = potential(Batch.from_data_list(graphs).to(device), compute_forces=True, compute_stress=need_stress)
         energies = out[keys.ENERGY].detach().double().cpu().numpy()

@@ -29,7 +29,7 @@ def _structures(periodic_only: bool) -> list[ase.Atoms]:
     """Cu crystals of 1 to 32 atoms with different lattice constants and rattles (and a cluster without cell)."""
     out = []
     for i, (a, cubic, rep) in enumerate([(3.55, True, 1), (3.70, False, 2), (3.60, True, 2), (3.66, False, 1),
-                                         (3.52, False, 3)]):
+                                         (3.52, False, 2)]):
         atoms = ase.build.bulk("Cu", "fcc", a=a, cubic=cubic).repeat(rep)
         atoms.rattle(0.06, seed=i)
         out.append(atoms)
@@ -125,7 +125,7 @@ def test_cli_reports_bad_structures_and_relaxes_the_rest(cu_model, tmp_path, cap
 
 
 def test_max_atoms_splits_batches(calc, cu_model, tmp_path, capsys, monkeypatch):
-    structures = _structures(periodic_only=True)  # 4, 16, 32, 2, 27 atoms
+    structures = _structures(periodic_only=True)  # 4, 8, 32, 1, 8 atoms
     sizes = [len(a) for a in structures]
     potential = calc.potential
     calls: list[list[int]] = []
