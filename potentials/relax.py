@@ -1,4 +1,7 @@
-"""Structure relaxation with ASE optimisers (positions, and the cell through FrechetCellFilter)."""
+"""Structure relaxation with ASE optimisers (positions, and the cell through FrechetCellFilter).
+
+Many structures at once, one model call per step for a whole batch: :mod:`potentials.batch_relax`.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +33,24 @@ class RelaxResult:
     uncertainty: dict[str, Any] = field(default_factory=dict)
 
 
+def check_structure(atoms: ase.Atoms, potential=None, *, cell: bool = False) -> None:
+    """Raise :class:`~potentials.errors.PotentialsInputError` (a ``ValueError``) if ``atoms`` cannot be relaxed:
+    no atoms, ``cell`` on a structure not periodic in all three directions, and, given the ``potential``, elements
+    it was not trained on or atoms closer than :data:`~potentials.graph.MIN_DISTANCE` (overlapping)."""
+    from potentials.errors import PotentialsInputError
+    from potentials.graph import AtomicGraph
+
+    if not len(atoms):
+        raise PotentialsInputError("the structure has no atoms")
+    if cell and not np.all(atoms.pbc):
+        raise PotentialsInputError("--cell relaxes the lattice and needs a structure periodic in all three "
+                                   "directions")
+    if potential is not None:
+        graph = AtomicGraph.from_atoms(atoms, potential.cutoff)
+        potential.check_elements(graph.z)
+        graph.check_distances("structure")
+
+
 def _fmax(obj) -> float:
     return float(np.sqrt((obj.get_forces() ** 2).sum(axis=1)).max()) if len(obj) else 0.0
 
@@ -57,6 +78,7 @@ def relax(
         steps: maximum optimiser steps.
         optimizer: FIRE, BFGS or LBFGS.
         cell: also relax the cell (needs a fully periodic structure).
+            Bad input raises :class:`~potentials.errors.PotentialsInputError` (see :func:`check_structure`).
         trajectory: ASE .traj file to write the path to.
         logfile: optimiser log (None: silent, "-": stdout).
         max_uncertainty, stop_on_uncertainty, uncertainty_log: as in :func:`potentials.md.run_md` (every step is
@@ -65,8 +87,7 @@ def relax(
     name = optimizer.upper()
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if cell and not np.all(atoms.pbc):
-        raise ValueError("--cell relaxes the lattice and needs a structure periodic in all three directions")
+    check_structure(atoms, getattr(calc, "potential", None), cell=cell)
     atoms = atoms.copy()
     atoms.calc = calc
     target = FrechetCellFilter(atoms) if cell else atoms
