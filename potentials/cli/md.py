@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from potentials.cli.options import add_model_argument, add_runtime_options
+from potentials.cli.options import add_model_argument, add_runtime_options, read_one_structure
 from potentials.errors import PotentialsInputError
 from potentials.md import BAROSTATS, ENSEMBLES, THERMOSTATS
 
@@ -56,16 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     from potentials.calculator import PotentialCalculator
     from potentials.md import run_md, write_outputs
-    from potentials.structure_io import read_structures
 
-    try:
-        index = int(args.index)
-    except ValueError:
-        raise SystemExit(f"error: --index takes one frame number, got {args.index!r}") from None
-    try:
-        atoms = read_structures(args.structure, index)[0]
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+    atoms = read_one_structure(args.structure, args.index)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     calc = PotentialCalculator.from_file(args.model, device=args.device, dtype=args.dtype,

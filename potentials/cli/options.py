@@ -1,4 +1,4 @@
-"""Command-line options shared by the tools that run a trained model (relax, evaluate, md)."""
+"""Command-line options shared by the tools that run a trained model (relax, evaluate, md, properties, ...)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,18 @@ def add_runtime_options(p: argparse.ArgumentParser, dtype: str, why: str) -> Non
     p.add_argument("--kernels", choices=["auto", "torch", "cpu"], default=None,
                    help="implementation of the hot operations (default: the model file's; see potentials.accel)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def read_one_structure(path: str, index: str):
+    """The frame ``index`` (a string from the command line) of the structure file ``path``; errors exit with a
+    one-line message naming the problem."""
+    from potentials.structure_io import read_structures
+
+    try:
+        number = int(index)
+    except ValueError:
+        raise SystemExit(f"error: --index takes one frame number, got {index!r}") from None
+    try:
+        return read_structures(path, number)[0]
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from potentials.cli.options import add_model_argument, add_runtime_options
+from potentials.cli.options import add_model_argument, add_runtime_options, read_one_structure
 
 PHONONS = """Phonons with phonopy: force constants of a supercell (the autograd Hessian of the model, or finite
 displacements), the band structure along the standard path of the primitive cell's Bravais lattice, the DOS and
@@ -92,16 +92,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _load(args: argparse.Namespace):
     from potentials.calculator import PotentialCalculator
-    from potentials.structure_io import read_structures
 
-    try:
-        index = int(args.index)
-    except ValueError:
-        raise SystemExit(f"error: --index takes one frame number, got {args.index!r}") from None
-    try:
-        atoms = read_structures(args.structure, index)[0]
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+    atoms = read_one_structure(args.structure, args.index)
     calc = PotentialCalculator.from_file(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
