@@ -109,6 +109,18 @@ def to_graphs(frames: Sequence[Atoms], potential: Potential, dtype: torch.dtype)
     return graphs
 
 
+def predict_in_eval_mode(potential: Potential, graphs: Iterable[AtomicGraph], *, batch_size: int = 16
+                         ) -> Predictions:
+    """:func:`predict` with ``potential`` in eval mode, its training flag restored afterwards (for calls from
+    inside a training run)."""
+    was_training = potential.training
+    potential.eval()
+    try:
+        return predict(potential, graphs, batch_size=batch_size)
+    finally:
+        potential.train(was_training)
+
+
 def predict(potential: Potential, graphs: Iterable[AtomicGraph], *, batch_size: int = 16,
             progress: bool = False) -> Predictions:
     """Energies, forces and (where labelled) stress of ``graphs`` in batches, on the potential's device and dtype.
@@ -270,12 +282,7 @@ def report_split(potential: Potential, graphs: Sequence[AtomicGraph], out_dir: s
     Weights & Biases and TensorBoard get one image per figure, keyed ``<split>/<figure>``; other loggers (CSV) only
     the files.
     """
-    was_training = potential.training
-    potential.eval()
-    try:
-        pred = predict(potential, graphs, batch_size=batch_size)
-    finally:
-        potential.train(was_training)
+    pred = predict_in_eval_mode(potential, graphs, batch_size=batch_size)
     _, files, figures = write_report(pred, out_dir, free_atoms_only=free_atoms_only, prefix=f"{split}_",
                                      title=f"{split} split")
     log_figures(loggers, figures, {k: files[k] for k in figures}, split=split, step=step)

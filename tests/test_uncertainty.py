@@ -21,10 +21,9 @@ from potentials.evaluate import evaluate_file
 from potentials.graph import AtomicGraph
 from potentials.potential import Potential
 from potentials.training.ensemble import fit_calibration, member_config
-from potentials.training.loss import PotentialLoss
 from potentials.training.run import register_resolvers, run
 from potentials.uncertainty import EnsemblePotential, ShallowEnsemble, fit_scale
-from tests.tiny_model import CUTOFF, MODEL_CONFIG, _model, single_thread
+from tests.tiny_model import CUTOFF, MODEL_CONFIG, _model, fit_cu, single_thread
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SMALL_DATA = ["data.source.n_structures=24", "data.batch_size=4", "data.split.val=4", "data.split.test=4"]
@@ -33,18 +32,7 @@ SMALL_DATA = ["data.source.n_structures=24", "data.batch_size=4", "data.split.va
 def _fit(seed: int, frames, steps: int = 60, heads: int = 0) -> Potential:
     """A tiny EGNN (or shallow ensemble of ``heads``) fitted to ``frames`` from initial-weight seed ``seed``."""
     torch.manual_seed(seed)
-    batch = Batch.from_data_list([AtomicGraph.from_atoms(a, CUTOFF) for a in frames])
-    e_ref = float((batch.energy / batch.num_atoms).mean())
-    model = ShallowEnsemble(_model(), heads) if heads else _model()
-    potential = Potential(model, CUTOFF, {29: e_ref}, scale=0.5)
-    loss_fn = PotentialLoss(energy_weight=1.0, forces_weight=10.0, stress_weight=0.0)
-    opt = torch.optim.Adam(potential.parameters(), lr=1e-2)
-    potential.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        loss_fn(potential(batch, compute_stress=False), batch)["total"].backward()
-        opt.step()
-    return potential.eval()
+    return fit_cu(ShallowEnsemble(_model(), heads) if heads else _model(), frames, steps)
 
 
 @pytest.fixture(scope="module")

@@ -49,19 +49,26 @@ def cu_model(folder: Path, steps: int = 150) -> Path:
         return _CACHE["cu"]
     torch.manual_seed(0)
     frames = emt.generate(seed=5, n_structures=16, elements=("Cu",))
+    with single_thread():
+        potential = fit_cu(_model(), frames, steps)
+    _CACHE["cu"] = save(potential, Path(folder) / "cu.pt", MODEL_CONFIG)
+    return _CACHE["cu"]
+
+
+def fit_cu(model, frames, steps: int) -> Potential:
+    """``model`` wrapped as a Cu potential and fitted to the EMT ``frames`` by ``steps`` full-batch Adam steps on
+    energies and forces; returned in eval mode."""
     batch = Batch.from_data_list([AtomicGraph.from_atoms(a, CUTOFF) for a in frames])
     e_ref = float((batch.energy / batch.num_atoms).mean())
-    potential = Potential(_model(), CUTOFF, {29: e_ref}, scale=0.5)
+    potential = Potential(model, CUTOFF, {29: e_ref}, scale=0.5)
     loss_fn = PotentialLoss(energy_weight=1.0, forces_weight=10.0, stress_weight=0.0)
     opt = torch.optim.Adam(potential.parameters(), lr=1e-2)
     potential.train()
-    with single_thread():
-        for _ in range(steps):
-            opt.zero_grad()
-            loss_fn(potential(batch, compute_stress=False), batch)["total"].backward()
-            opt.step()
-    _CACHE["cu"] = save(potential.eval(), Path(folder) / "cu.pt", MODEL_CONFIG)
-    return _CACHE["cu"]
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(potential(batch, compute_stress=False), batch)["total"].backward()
+        opt.step()
+    return potential.eval()
 
 
 def random_model(path: Path, symbols: list[str], seed: int = 0) -> Path:

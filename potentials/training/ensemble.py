@@ -106,17 +106,12 @@ class EnsembleLoss(PotentialLoss):
 def fit_calibration(ensemble: EnsemblePotential, graphs, batch_size: int = 16) -> dict[str, float]:
     """Fit the spread's scalars on ``graphs`` (the validation split) and store them in ``ensemble``; 1 without
     data.  ``forces`` from |ΔF_i| against ``forces_std`` per atom, ``energy`` from |ΔE| against ``energy_std``."""
-    from potentials.evaluate import predict
+    from potentials.evaluate import predict_in_eval_mode
 
     ensemble.calibration = {"energy": 1.0, "forces": 1.0}
     if graphs is None or not len(graphs):
         return dict(ensemble.calibration)
-    was_training = ensemble.training
-    ensemble.eval()
-    try:
-        pred = predict(ensemble, graphs, batch_size=batch_size)
-    finally:
-        ensemble.train(was_training)
+    pred = predict_in_eval_mode(ensemble, graphs, batch_size=batch_size)
     levels = uncertainty_errors(pred)
     fitted = {"energy": fit_scale(*levels["energy_per_structure"]) if "energy_per_structure" in levels else 1.0,
               "forces": fit_scale(*levels["forces_per_atom"]) if "forces_per_atom" in levels else 1.0}
