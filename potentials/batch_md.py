@@ -184,6 +184,7 @@ def md_many(
         regardless.
 
     Raises:
+        PotentialsInputError: ``max_uncertainty`` or ``stop_on_uncertainty`` for a model without uncertainty.
         ValueError: an ensemble or thermostat the batched integrator does not implement, or a bad batch size.
     """
     from potentials.uncertainty import UncertaintyExceeded, UncertaintyWatch
@@ -195,6 +196,8 @@ def md_many(
                          "one structure at a time")
     if batch_size < 1 or (max_atoms is not None and max_atoms < 1):
         raise ValueError("batch_size and max_atoms must be positive")
+    UncertaintyWatch(None, SimpleNamespace(potential=potential), threshold=max_uncertainty,
+                     stop=stop_on_uncertainty)  # refuses the options for a model without uncertainty
     thermo = thermostat if ensemble == "nvt" else None
     dtype = next(iter(potential.buffers())).dtype
     dt = timestep_fs * units.fs
