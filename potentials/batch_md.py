@@ -27,6 +27,7 @@ from typing import Any
 import ase
 import numpy as np
 from ase import units
+from ase.calculators.calculator import Calculator
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from ase.io.trajectory import Trajectory
@@ -69,6 +70,20 @@ class _System:
         for f in (self.trajectory, self.logger, self.watch):
             if f is not None:
                 f.close()
+
+
+class _StepResults(SinglePointCalculator):
+    """A structure's results at one geometry. Unlike :class:`SinglePointCalculator` it keeps only the positions to
+    tell whether the atoms still stand where the results belong (numbers, cell and pbc do not change in a run), so
+    that the integrator's and observers' reads do not compare whole structures several times per step."""
+
+    def __init__(self, atoms: ase.Atoms, **results: Any) -> None:
+        Calculator.__init__(self)
+        self.results = results
+        self._positions = atoms.positions.copy()
+
+    def check_state(self, atoms: ase.Atoms, tol: float = 1e-15) -> list[str]:
+        return [] if np.array_equal(atoms.positions, self._positions) else ["positions"]
 
 
 def _langevin_coefficients(dt: float, temperature_K: float, friction: float, masses: np.ndarray) -> dict:
@@ -141,7 +156,7 @@ def _attach_results(system: _System, out: BatchOutput, b: int) -> None:
         results["energies"] = out.node_energy[part]
     if out.stress is not None and np.all(atoms.pbc):
         results["stress"] = full_3x3_to_voigt_6_stress(out.stress[b])
-    atoms.calc = SinglePointCalculator(atoms, **results)
+    atoms.calc = _StepResults(atoms, **results)
     if out.forces_std is not None:
         system.results.results = {"forces_std": out.forces_std[part]}
 
