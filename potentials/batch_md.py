@@ -2,10 +2,11 @@
 
 Each structure keeps its own state — positions, momenta, step count, random generator, records and output files —
 and is integrated by the same update as ASE's integrator of :func:`potentials.md.run_md`, operation for operation:
-velocity Verlet (NVE), Langevin (NVT, ``fixcm=False``) and Bussi stochastic velocity rescaling (NVT). Velocities
-start from :func:`potentials.md.initialize_velocities` with the structure's own seed, and the stochastic thermostats
-draw from ``numpy.random.default_rng(seed + 1)`` in ASE's order, so a batched run follows the one-by-one run of the
-same structure and seed up to the rounding of the batched model call, whatever else is in the batch.
+velocity Verlet (NVE), and for NVT Langevin (``fixcm=False``), Bussi stochastic velocity rescaling and the
+Nosé–Hoover chain. Velocities start from :func:`potentials.md.initialize_velocities` with the structure's own seed,
+and the stochastic thermostats draw from ``numpy.random.default_rng(seed + 1)`` in ASE's order, so a batched run
+follows the one-by-one run of the same structure and seed up to the rounding of the batched model call, whatever
+else is in the batch. NPT, which moves each cell, runs one structure at a time.
 
 Positions and momenta live on an :class:`ase.Atoms` per structure, so ``FixAtoms`` constraints act as they do in
 ASE; after each model call the structure's results are put on it as a single-point calculator, which the trajectory
@@ -38,8 +39,8 @@ from potentials.errors import PotentialsInputError
 from potentials.md import MDResult, initialize_velocities
 from potentials.relax import check_structure
 
-#: the thermostats the batched integrator implements (``nose-hoover`` and NPT run one by one through ASE)
-BATCH_THERMOSTATS = ("langevin", "bussi")
+#: the thermostats the batched integrator implements (NPT runs one by one through ASE)
+BATCH_THERMOSTATS = ("langevin", "bussi", "nose-hoover")
 
 
 @dataclass
@@ -107,6 +108,16 @@ def _bussi_alpha(system: _System, kinetic_energy: float) -> float:
 def _first_half(system: _System, thermostat: str | None) -> None:
     """Everything of one step up to the new positions (the forces at the old ones are on ``system.atoms``)."""
     atoms, dt, masses = system.atoms, system.dt, system.masses
+    if thermostat == "nose-hoover":  # ASE's NoseHooverChainNVT.step keeps its own q and p beside the atoms'
+        c = system.coefficients
+        c["p"] = c["chain"].integrate_nhc(c["p"], dt / 2)
+        atoms.set_positions(c["q"])
+        atoms.set_momenta(c["p"])
+        c["p"] += dt / 2 * atoms.get_forces(md=True)
+        c["q"] += dt * c["p"] / masses
+        atoms.set_positions(c["q"])
+        atoms.set_momenta(c["p"])
+        return
     forces = atoms.get_forces(md=True)
     if thermostat == "langevin":
         c = system.coefficients
@@ -137,6 +148,13 @@ def _second_half(system: _System, thermostat: str | None) -> None:
     """The rest of the step, with the forces at the new positions on ``system.atoms``."""
     atoms, dt = system.atoms, system.dt
     forces = atoms.get_forces(md=True)
+    if thermostat == "nose-hoover":
+        c = system.coefficients
+        c["p"] += dt / 2 * forces
+        c["p"] = c["chain"].integrate_nhc(c["p"], dt / 2)
+        atoms.set_positions(c["q"])
+        atoms.set_momenta(c["p"])
+        return
     if thermostat == "langevin":
         c = system.coefficients
         v = c.pop("v")
@@ -189,7 +207,7 @@ def md_many(
     seeds structure k's velocities and thermostat, ``trajectories[k]``, ``logfiles[k]`` and
     ``uncertainty_logs[k]`` are its ``md.traj``, ``md.log`` and ``md_uncertainty.log`` (or None). ``potential``
     is the model on its device and dtype (``PotentialCalculator(...).potential``); ``ensemble`` is ``nve`` or
-    ``nvt`` with ``thermostat`` ``langevin`` (``friction_per_fs``) or ``bussi`` (``tdamp_fs``).
+    ``nvt`` with ``thermostat`` ``langevin`` (``friction_per_fs``), ``bussi`` or ``nose-hoover`` (``tdamp_fs``).
 
     Returns:
         Per structure, in input order, an :class:`~potentials.md.MDResult` (``wall_time_s``: the time the structure
@@ -200,15 +218,14 @@ def md_many(
 
     Raises:
         PotentialsInputError: ``max_uncertainty`` or ``stop_on_uncertainty`` for a model without uncertainty.
-        ValueError: an ensemble or thermostat the batched integrator does not implement, or a bad batch size.
+        ValueError: NPT (the batched integrator keeps each cell fixed), an unknown thermostat, or a bad batch size.
     """
     from potentials.uncertainty import UncertaintyExceeded, UncertaintyWatch
 
     if ensemble not in ("nve", "nvt"):
         raise ValueError(f"batched MD integrates NVE and NVT; {ensemble!r} runs one structure at a time")
     if ensemble == "nvt" and thermostat not in BATCH_THERMOSTATS:
-        raise ValueError(f"batched NVT uses the {' or '.join(BATCH_THERMOSTATS)} thermostat; {thermostat!r} runs "
-                         "one structure at a time")
+        raise ValueError(f"unknown thermostat {thermostat!r}; choose one of {', '.join(BATCH_THERMOSTATS)}")
     if batch_size < 1 or (max_atoms is not None and max_atoms < 1):
         raise ValueError("batch_size and max_atoms must be positive")
     UncertaintyWatch(None, SimpleNamespace(potential=potential), threshold=max_uncertainty,
@@ -247,6 +264,12 @@ def md_many(
             if thermo == "langevin":
                 system.coefficients = _langevin_coefficients(dt, temperature_K, friction_per_fs / units.fs,
                                                              system.masses)
+            elif thermo == "nose-hoover":
+                from ase.md.nose_hoover_chain import NoseHooverChainThermostat
+
+                chain = NoseHooverChainThermostat(num_atoms_global=len(atoms), masses=system.masses,
+                                                  temperature_K=temperature_K, tdamp=tdamp_fs * units.fs)
+                system.coefficients = {"chain": chain, "q": atoms.get_positions(), "p": atoms.get_momenta()}
             elif thermo == "bussi":
                 if np.isclose(atoms.get_kinetic_energy(), 0.0, rtol=0, atol=1e-12):
                     raise PotentialsInputError("Bussi rescaling needs a non-zero initial kinetic energy (a "

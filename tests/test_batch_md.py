@@ -1,6 +1,6 @@
-"""Batched MD: the same trajectories as ASE one structure at a time (NVE, Langevin, Bussi), per-structure seeds
-whatever else is in the batch, energy conservation, bad structures reported while the rest run, uncertainty stops
-per structure, and the command line."""
+"""Batched MD: the same trajectories as ASE one structure at a time (NVE, Langevin, Bussi, Nosé–Hoover chain),
+per-structure seeds whatever else is in the batch, energy conservation, bad structures reported while the rest
+run, uncertainty stops per structure, and the command line."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def _assert_same_run(one: MDResult, many: MDResult, atol: float = 1e-9) -> None:
         np.testing.assert_allclose(getattr(many, key), getattr(one, key), rtol=0, atol=1e-8, err_msg=key)
 
 
-@pytest.mark.parametrize("ensemble,thermostat", [("nve", None), ("nvt", "langevin"), ("nvt", "bussi")])
+@pytest.mark.parametrize("ensemble,thermostat", [("nve", None), ("nvt", "langevin"), ("nvt", "bussi"),
+                                                 ("nvt", "nose-hoover")])
 def test_batched_runs_follow_the_one_by_one_ase_runs(calc, ensemble, thermostat):
     """20 steps of 2 fs at 600 K, three structures per model call (the fourth joins when one finishes)."""
     structures = _mixed()
@@ -114,8 +115,8 @@ def test_a_bad_structure_is_reported_and_the_others_run(calc, tmp_path):
     assert not trajectories[1].exists() and not trajectories[3].exists()
     with pytest.raises(ValueError, match="one structure at a time"):
         md_many(structures, calc.potential, ensemble="npt")
-    with pytest.raises(ValueError, match="one structure at a time"):
-        md_many(structures, calc.potential, ensemble="nvt", thermostat="nose-hoover")
+    with pytest.raises(ValueError, match="unknown thermostat"):
+        md_many(structures, calc.potential, ensemble="nvt", thermostat="berendsen")
 
 
 def test_uncertainty_is_watched_and_stops_each_structure_on_its_own(tmp_path):
@@ -184,7 +185,5 @@ def test_command_line_batched_equals_one_by_one(cu_model, tmp_path, capsys):
         assert s1["batch_size"] == 2 and s1["thermostat"] == "langevin"
     with pytest.raises(SystemExit, match="NPT"):
         main(["md", str(cu_model), *inputs, "--ensemble", "npt", "--batch-size", "4"])
-    with pytest.raises(SystemExit, match="nose-hoover"):
-        main(["md", str(cu_model), *inputs, "--ensemble", "nvt", "--thermostat", "nose-hoover", "--batch-size", "4"])
     with pytest.raises(SystemExit, match="--index"):
         main(["md", str(cu_model), *inputs, "--index", "0", "--batch-size", "4"])

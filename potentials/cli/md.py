@@ -9,7 +9,7 @@ linear fit of E_tot/N against time).
 Several structures (several files, folders, or every frame of a file with --batch-size) each get these files in
 --out/<name>/, structure k (in the order listed) with seed --seed + k, and --out/summary.json lists them all.
 With --batch-size N and/or --max-atoms M they are integrated together, up to N structures and M atoms per model
-call (NVE, and NVT with the langevin or bussi thermostat), along the same trajectories as one by one. A structure
+call (NVE and NVT; NPT runs one structure at a time), along the same trajectories as one by one. A structure
 that cannot run (an element the model never saw, overlapping atoms) is reported and the others run; the exit code
 is then 1.
 """
@@ -60,8 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-on-uncertainty", action="store_true",
                    help="stop at the first step above --max-uncertainty (that frame is written)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
-                   help="integrate up to N structures per model call (NVE; NVT with langevin or bussi); every frame "
-                        "of each file runs")
+                   help="integrate up to N structures per model call (NVE, NVT; not NPT); every frame of each file "
+                        "runs")
     p.add_argument("--max-atoms", type=int, default=None, metavar="M",
                    help="at most M atoms per model call when batching (a larger structure runs alone)")
     add_runtime_options(p, "float64", "energy conservation")
@@ -130,12 +130,6 @@ def main_many(args: argparse.Namespace, batched: bool) -> int:
         if args.ensemble == "npt":
             raise SystemExit("error: --batch-size integrates NVE and NVT; NPT changes each cell and runs one "
                              "structure at a time: drop --batch-size/--max-atoms")
-        from potentials.batch_md import BATCH_THERMOSTATS
-
-        if args.ensemble == "nvt" and args.thermostat not in BATCH_THERMOSTATS:
-            raise SystemExit(f"error: --batch-size integrates NVT with the {' or '.join(BATCH_THERMOSTATS)} "
-                             f"thermostat; --thermostat {args.thermostat} runs one structure at a time: drop "
-                             "--batch-size/--max-atoms or choose another thermostat")
     try:
         found = collect_structures(args.structures)
     except (FileNotFoundError, ValueError) as err:
