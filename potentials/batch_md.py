@@ -200,6 +200,7 @@ def md_many(
     max_uncertainty: float | None = None,
     stop_on_uncertainty: bool = False,
     on_done: Callable[[int, MDResult | PotentialsInputError], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[MDResult | PotentialsInputError]:
     """Run MD on every structure, ``batch_size`` structures (at most ``max_atoms`` atoms) per model call.
 
@@ -208,6 +209,8 @@ def md_many(
     ``uncertainty_logs[k]`` are its ``md.traj``, ``md.log`` and ``md_uncertainty.log`` (or None). ``potential``
     is the model on its device and dtype (``PotentialCalculator(...).potential``); ``ensemble`` is ``nve`` or
     ``nvt`` with ``thermostat`` ``langevin`` (``friction_per_fs``), ``bussi`` or ``nose-hoover`` (``tdamp_fs``).
+    ``on_done(index, result)`` is called as each structure finishes, ``on_step(n)`` after each model call with the
+    number of structures that completed a step in it (for a progress bar).
 
     Returns:
         Per structure, in input order, an :class:`~potentials.md.MDResult` (``wall_time_s``: the time the structure
@@ -350,6 +353,7 @@ def md_many(
             continue
         out = evaluate(potential, graphs, stress=any(bool(np.all(s.atoms.pbc)) for s in active))
         still = []
+        advanced = 0
         for b, system in enumerate(active):
             if not (np.isfinite(out.energy[b]) and np.isfinite(out.forces[out.atoms_of(b)]).all()):
                 finish(system, PotentialsInputError(f"non-finite energy or forces at step {system.nsteps}"))
@@ -358,10 +362,13 @@ def md_many(
             if system.record["time"]:  # else this was the force call of step 0
                 _second_half(system, thermo)
                 system.nsteps += 1
+                advanced += 1
             if not observe(system) or system.nsteps >= steps:
                 finish(system, result_of(system))
                 continue
             _first_half(system, thermo)
             still.append(system)
         active = still
+        if on_step is not None:
+            on_step(advanced)
     return results  # type: ignore[return-value]

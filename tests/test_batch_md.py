@@ -102,11 +102,12 @@ def test_a_bad_structure_is_reported_and_the_others_run(calc, tmp_path):
     unknown[0].symbol = "H"
     overlapping = ase.Atoms("Cu3", positions=[[0, 0, 0], [0.05, 0, 0], [2.5, 0, 0]])
     structures = [good[0], unknown, good[2], overlapping, good[1]]
-    finished = []
+    finished, advanced = [], []
     trajectories = [tmp_path / f"{k}.traj" for k in range(len(structures))]
     results = md_many(structures, calc.potential, steps=10, batch_size=2, trajectories=trajectories,
-                      interval=5, on_done=lambda i, r: finished.append(i))
+                      interval=5, on_done=lambda i, r: finished.append(i), on_step=advanced.append)
     assert sorted(finished) == list(range(5))
+    assert sum(advanced) == 30 and max(advanced) == 2  # three structures of 10 steps, two per model call
     assert isinstance(results[1], PotentialsInputError) and "H" in str(results[1])
     assert isinstance(results[3], PotentialsInputError) and "0.05" in str(results[3])
     for k in (0, 2, 4):

@@ -155,14 +155,15 @@ def main_many(args: argparse.Namespace, batched: bool) -> int:
     seeds = [args.seed + k for k in range(len(names))]
     options = _dynamics_options(args)
     rows: list[dict | None] = [None] * len(names)
-    bar = tqdm(total=len(names), unit="structure", desc=f"MD {args.ensemble}", disable=args.no_progress,
-               file=sys.stderr)
+    bar = tqdm(total=len(names) * args.steps, unit="step", desc=f"MD {args.ensemble} of {len(names)} structures",
+               disable=args.no_progress, file=sys.stderr, mininterval=0.5)
 
     def done(i: int, result) -> None:
         name, atoms = names[i], structures[i]
         if isinstance(result, ValueError):
             bar.write(f"error: structure {name}: {result}", file=sys.stderr)
             rows[i] = {"structure": name, "atoms": len(atoms), "error": str(result)}
+            bar.update(args.steps)
         else:
             settings = {"model": str(args.model), "structure": name, "formula": atoms.get_chemical_formula(),
                         "ensemble": args.ensemble, "temperature_K": args.temperature, "timestep_fs": args.timestep,
@@ -171,7 +172,7 @@ def main_many(args: argparse.Namespace, batched: bool) -> int:
                 settings.update(batch_size=args.batch_size, max_atoms=args.max_atoms)
             files = write_outputs(result, folders[i], settings)
             rows[i] = {"structure": name, "output": str(folders[i]), **json.loads(files["summary"].read_text())}
-        bar.update(1)
+            bar.update(args.steps if not batched else args.steps - rows[i]["steps"])  # batched: steps counted
 
     if batched:
         from potentials.batch_md import md_many
@@ -182,7 +183,7 @@ def main_many(args: argparse.Namespace, batched: bool) -> int:
                 trajectories=[f / "md.traj" for f in folders], logfiles=[f / "md.log" for f in folders],
                 uncertainty_logs=[f / "md_uncertainty.log" for f in folders], interval=args.interval,
                 max_uncertainty=args.max_uncertainty, stop_on_uncertainty=args.stop_on_uncertainty,
-                on_done=done, **options)
+                on_done=done, on_step=bar.update, **options)
     else:
         for i, (name, atoms) in enumerate(zip(names, structures, strict=True)):
             bar.set_postfix_str(name[:30])
