@@ -19,17 +19,14 @@ from dataclasses import dataclass, field
 
 import ase
 import numpy as np
-import torch
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io.trajectory import Trajectory
 from ase.stress import full_3x3_to_voigt_6_stress
 from scipy.linalg import expm, expm_frechet
-from torch_geometric.data import Batch
 
-from potentials import keys
+from potentials.batching import evaluate, first_fit, structure_graph
 from potentials.errors import PotentialsInputError
-from potentials.graph import AtomicGraph, _fixed_mask
-from potentials.neighbors import neighbor_list
+from potentials.graph import _fixed_mask
 from potentials.potential import Potential
 from potentials.relax import RelaxResult, check_structure
 
@@ -115,17 +112,6 @@ class _Relaxation:
         return np.concatenate([forces @ f, log_force / self.n])
 
 
-def _graph(positions: np.ndarray, cell: np.ndarray, atoms: ase.Atoms, cutoff: float,
-           dtype: torch.dtype) -> AtomicGraph:
-    pbc = np.asarray(atoms.pbc, dtype=bool)
-    cell = cell if pbc.any() else np.zeros((3, 3))
-    edge_index, offsets = neighbor_list(positions, cell, pbc, cutoff)
-    return AtomicGraph(pos=torch.tensor(positions, dtype=dtype), z=torch.from_numpy(atoms.numbers.astype(np.int64)),
-                       cell=torch.tensor(cell, dtype=dtype).unsqueeze(0), pbc=torch.from_numpy(pbc).unsqueeze(0),
-                       edge_index=torch.from_numpy(edge_index), cell_offsets=torch.from_numpy(offsets).to(dtype),
-                       num_atoms=torch.tensor([len(atoms)]))
-
-
 def relax_many(
     structures: Sequence[ase.Atoms],
     potential: Potential,
@@ -158,8 +144,7 @@ def relax_many(
     """
     if batch_size < 1 or (max_atoms is not None and max_atoms < 1):
         raise ValueError("batch_size and max_atoms must be positive")
-    param = next(iter(potential.buffers()))
-    dtype, device = param.dtype, param.device
+    dtype = next(iter(potential.buffers())).dtype
     results: list[RelaxResult | PotentialsInputError | None] = [None] * len(structures)
     limit = max_atoms if max_atoms is not None else float("inf")
 
@@ -188,31 +173,23 @@ def relax_many(
         return _Relaxation(index, atoms, cell, x, _fixed_mask(atoms), trajectory=traj)
 
     pending = list(range(len(structures)))
+    sizes = [len(a) for a in structures]
     active: list[_Relaxation] = []
     while pending or active:
-        n_atoms = sum(job.n for job in active)
-        admitted = []
-        for index in pending:  # first fit, in input order
-            if len(active) >= batch_size:
-                break
-            size = len(structures[index])
-            if active and n_atoms + size > limit:
-                continue
-            admitted.append(index)
-            job = start(index)
-            if job is not None:
-                active.append(job)
-                n_atoms += size
-        if admitted:
+        while admitted := first_fit(pending, sizes, len(active), sum(job.n for job in active), batch_size, limit):
             taken = set(admitted)
             pending = [i for i in pending if i not in taken]
+            started = [job for job in map(start, admitted) if job is not None]
+            active += started
+            if len(started) == len(admitted):
+                break  # else rejected structures left room for more
         if not active:
             continue
         geometries, graphs, kept = [], [], []
         for job in active:
             pos, c = job.geometry()
             try:  # a cell deformed beyond what the neighbour search accepts ends that structure only
-                graphs.append(_graph(pos, c, job.atoms, potential.cutoff, dtype))
+                graphs.append(structure_graph(pos, c, job.atoms, potential.cutoff, dtype))
             except ValueError as err:
                 finish(job, PotentialsInputError(f"step {job.steps}: {err}"))
                 continue
@@ -222,18 +199,13 @@ def relax_many(
         if not active:
             continue
         need_stress = cell or any(bool(np.all(job.atoms.pbc)) for job in active)
-        out = potential(Batch.from_data_list(graphs).to(device), compute_forces=True, compute_stress=need_stress)
-        energies = out[keys.ENERGY].detach().double().cpu().numpy()
-        forces = out[keys.FORCES].detach().double().cpu().numpy()
-        stresses = out[keys.STRESS].detach().double().cpu().numpy() if need_stress else None
+        out = evaluate(potential, graphs, stress=need_stress)
         still = []
-        start_atom = 0
         for b, (job, (pos, c)) in enumerate(zip(active, geometries, strict=True)):
-            f_atoms = forces[start_atom: start_atom + job.n]
-            start_atom += job.n
+            f_atoms = out.forces[out.atoms_of(b)]
             periodic = bool(np.all(job.atoms.pbc))
-            stress = stresses[b] if stresses is not None and periodic else None
-            energy = float(energies[b])
+            stress = out.stress[b] if out.stress is not None and periodic else None
+            energy = float(out.energy[b])
             if not (np.isfinite(energy) and np.isfinite(f_atoms).all()):
                 finish(job, PotentialsInputError(f"non-finite energy or forces at step {job.steps}"))
                 continue
