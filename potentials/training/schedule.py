@@ -6,7 +6,7 @@ that step, and follows the larger of the two fractions spent, so a run stopped b
 of stopping at its peak rate (``max_epochs=100000 max_time=...``), and a run that ends by its steps first anneals by
 its steps, as before:
 
-    warmup   factor = max((s + 1) / W, t / (0.1·B))             while that is below 1  (linear to the peak)
+    warmup   factor = max((s + 1) / W, t / (0.1·B))             while s < W and t < 0.1·B  (linear to the peak)
     cosine   p = max((s − W) / (S − W), (t/B − 0.1) / 0.9)      clipped to [0, 1]
              factor = m + (1 − m)·(1 + cos πp) / 2
 
@@ -40,11 +40,8 @@ def cosine_factor(step: int, elapsed: float, *, warmup: int, total: int | None, 
     """The learning rate at ``step`` as a fraction of the peak (module docstring); ``elapsed``: training seconds at
     that step; ``total``: the step budget; ``budget``: the time budget, s (None: no such bound)."""
     time_fraction = elapsed / budget if budget else 0.0
-    ramp = (step + 1) / warmup
-    if budget:
-        ramp = max(ramp, time_fraction / WARMUP_CAP)
-    if ramp < 1:
-        return ramp
+    if step < warmup and time_fraction < WARMUP_CAP:  # warmup ends at its last step or at the time cap
+        return max((step + 1) / warmup, time_fraction / WARMUP_CAP)
     progress = (step - warmup) / max(total - warmup, 1) if total else 0.0
     if budget:
         progress = max(progress, (time_fraction - WARMUP_CAP) / (1 - WARMUP_CAP))
