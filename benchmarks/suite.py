@@ -49,6 +49,9 @@ _FACET = {"_target_": "potentials.models.facet.Facet", "cutoff": CUTOFF, "lmax":
 #: for a gate.
 OURS_MODELS: dict[str, dict] = {
     "egnn-64": {"_target_": "potentials.models.egnn.EGNN", "cutoff": CUTOFF, "channels": 64, "num_layers": 3},
+    # the paper's coordinate updates between the three layers
+    "egnn-64-coords": {"_target_": "potentials.models.egnn.EGNN", "cutoff": CUTOFF, "channels": 64, "num_layers": 3,
+                       "coord_updates": True},
     "eqv2-64-l2": _EQV2,
     "eqv2-64-l2-gate": {**_EQV2, "use_gate_act": True, "use_grid_mlp": False},
     "eqv2-64-l2-gate-gridffn": {**_EQV2, "use_gate_act": True},  # eSCN-MD's choice: gated messages, grid FFN
@@ -70,6 +73,7 @@ OURS_MODELS: dict[str, dict] = {
 #: 70.7 meV/Å at lr 1e-2, 39.7 at 4e-3, 27.0 at 2e-3 (energy 25, 20, 50 meV).
 TRAINING_OVERRIDES: dict[str, dict] = {
     "egnn-64": {"lr": 5e-3},
+    "egnn-64-coords": {"lr": 5e-3},
     **{label: {"lr": 2e-3} for label in OURS_MODELS if label.startswith("eqv2-")},
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from hydra.utils import get_class
 
 from potentials.models.base import EnergyModel
@@ -16,6 +17,10 @@ from potentials.models.base import EnergyModel
 CONFIGS: dict[str, dict[str, Any]] = {
     "egnn": {"_target_": "potentials.models.egnn.EGNN", "avg_num_neighbors": 10.0, "channels": 16,
              "num_layers": 2, "num_basis": 6},
+    # the paper's coordinate updates; three layers, so that two update the edge vectors (by up to 0.4 Å in the
+    # contract's bulk cell, with the weights of coords_at_full_scale)
+    "egnn_coords": {"_target_": "potentials.models.egnn.EGNN", "avg_num_neighbors": 3.0, "channels": 16,
+                    "num_layers": 3, "num_basis": 6, "coord_updates": True},
     # lmax 2 exercises every tensor-product path kind; the sphere grid at its default resolution (8 rings)
     "facet": {"_target_": "potentials.models.facet.Facet", "avg_num_neighbors": 10.0, "channels": 8, "lmax": 2,
               "num_layers": 3, "n_knots": 8},
@@ -37,9 +42,22 @@ def config(name: str, cutoff: float) -> dict[str, Any]:
 def _factory(name: str):
     def make(cutoff: float) -> EnergyModel:
         kwargs = config(name, cutoff)
-        return get_class(kwargs.pop("_target_"))(**kwargs)
+        model = get_class(kwargs.pop("_target_"))(**kwargs)
+        if name == "egnn_coords":
+            coords_at_full_scale(model)
+        return model
 
     return make
+
+
+def coords_at_full_scale(model: EnergyModel) -> EnergyModel:
+    """Give EGNN's coordinate updates weights that move atoms by tenths of an Å: they start near zero (atoms barely
+    move), which would let the contract suite pass with the updates wrong."""
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.coord_mlp is not None:
+                torch.nn.init.xavier_uniform_(layer.coord_mlp[-1].weight, gain=3.0)
+    return model
 
 
 MODELS = {name: _factory(name) for name in CONFIGS}

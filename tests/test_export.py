@@ -105,7 +105,8 @@ def test_format_1_equiformer_files_keep_their_grids(tmp_path):
            "mmax": 2, "channels": 8, "attn_hidden_channels": 8, "num_heads": 2, "attn_alpha_channels": 4,
            "attn_value_channels": 4, "ffn_hidden_channels": 8, "edge_channels": 8, "num_basis": 8}
     assert EquiformerV2.upgrade_config(cfg, 1) == {**cfg, "grid_resolution": [16, 32], "edge_grid_resolution": [4, 24]}
-    assert EquiformerV2.upgrade_config(cfg, 2) == cfg and EGNN.upgrade_config({"cutoff": 4.0}, 1) == {"cutoff": 4.0}
+    assert EquiformerV2.upgrade_config(cfg, 2) == cfg and EGNN.upgrade_config({"cutoff": 4.0}, 1) == {"cutoff": 4.0,
+                                                                                         "coord_updates": False}
     small = {**cfg, "lmax": 2}  # lmax 2: node grid unchanged; the edge grid's default is now 3 x 14, it was 3 x 24
     assert EquiformerV2.upgrade_config(small, 1) == {**small, "edge_grid_resolution": [3, 24]}
     for model_cfg, node, edge, old_edge in ((cfg, (24, 48), (4, 24), (4, 24)), (small, (12, 24), (3, 14), (3, 24))):

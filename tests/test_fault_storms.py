@@ -3,8 +3,8 @@ random moment while training, in the middle of a checkpoint write — and rerun 
 ends with exactly (``torch.equal``) the weights, EMA, optimiser state, schedule and data position of an uninterrupted
 run, and its CSV log has every step's loss once, equal to the uninterrupted run's. For EGNN and Facet on one
 process and EGNN on two DDP processes (gloo on CPU; a kill takes the whole process group). A run stopped by
-``trainer.max_time`` stops at a moment set by the clock, and holds exactly the uninterrupted run's state at the step
-where it stopped.
+``trainer.max_time`` stops at a moment set by the clock, and with a step-driven schedule holds exactly the
+uninterrupted run's state at the step where it stopped.
 
 Each run: 13 training structures, 24 optimiser steps of a global batch of 2 (epochs end after steps 7, 14 and 21,
 each followed by validation), ``last.ckpt`` every 3 steps and at every epoch end.
@@ -198,11 +198,12 @@ def test_storm_of_kills_ends_with_the_uninterrupted_run(model, processes, seed, 
 
 
 def test_run_stopped_by_max_time_holds_the_uninterrupted_state_of_its_last_step(tmp_path, data_root, egnn_reference):
-    """``trainer.max_time`` stops after a step the clock picks; with the schedule set by ``max_steps`` the weights and
-    EMA there are those of the uninterrupted run after that step."""
+    """``trainer.max_time`` stops after a step the clock picks; with the schedule set by ``max_steps`` alone
+    (``training.schedule_by=steps``) the weights and EMA there are those of the uninterrupted run after that step."""
     run_dir = tmp_path / "run"
     command = _command(run_dir, data_root, "egnn", "single", "trainer.max_time=00:00:00:01",
-                       "+callbacks.slow._target_=tests.fault_injection.Slow", "+callbacks.slow.seconds=0.1")
+                       "training.schedule_by=steps", "+callbacks.slow._target_=tests.fault_injection.Slow",
+                       "+callbacks.slow.seconds=0.1")
     code, err = _finish(_start(command, tmp_path))
     assert code == 0, err[-3000:]
     ours = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

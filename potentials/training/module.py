@@ -17,6 +17,7 @@ from potentials.potential import Potential
 from potentials.training.loggers import CSVLogger
 from potentials.training.loss import PotentialLoss
 from potentials.training.metrics import PotentialMetrics
+from potentials.training.schedule import WarmupCosine
 
 # ModuleDict keys may not shadow nn.Module attributes (``train``)
 _KEY = {"train": "fit", "val": "val", "test": "test"}
@@ -41,6 +42,9 @@ class PotentialModule(L.LightningModule):
             (ReduceLROnPlateau on the validation loss) or ``"constant"``.
         warmup_steps: optimiser steps of linear warmup (cosine).
         min_lr_ratio: final learning rate as a fraction of ``lr`` (cosine).
+        schedule_by: what drives the cosine schedule (:mod:`potentials.training.schedule`): ``"budget"``, the
+            larger of the fractions of the step budget and of ``trainer.max_time`` spent; ``"steps"``, the steps
+            alone (bit-reproducible).
         plateau_factor, plateau_patience: ReduceLROnPlateau settings (epochs).
         ema_decay: EMA decay per optimiser step; 0 disables EMA.
         datasets: names of the datasets of a mix (``data=mix``): validation and test log ``<split>/<name>/<metric>``
@@ -60,6 +64,7 @@ class PotentialModule(L.LightningModule):
         scheduler: str = "cosine",
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.01,
+        schedule_by: str = "budget",
         plateau_factor: float = 0.5,
         plateau_patience: int = 10,
         ema_decay: float = 0.99,
@@ -74,7 +79,7 @@ class PotentialModule(L.LightningModule):
         self.model_config = model_config
         self.lr_scales = lr_scales
         self.hp = dict(lr=lr, weight_decay=weight_decay, scheduler=scheduler, warmup_steps=warmup_steps,
-                       min_lr_ratio=min_lr_ratio, plateau_factor=plateau_factor,
+                       min_lr_ratio=min_lr_ratio, schedule_by=schedule_by, plateau_factor=plateau_factor,
                        plateau_patience=plateau_patience, ema_decay=ema_decay)
         free = loss.free_atoms_only
         self.metrics = torch.nn.ModuleDict(
@@ -289,20 +294,18 @@ class PotentialModule(L.LightningModule):
         timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
         budget = getattr(timer, "_duration", None) if timer is not None else None
         total = int(steps) if math.isfinite(steps) else None
+        if hp["schedule_by"] not in ("budget", "steps"):
+            raise ValueError(f"training.schedule_by must be budget or steps, got {hp['schedule_by']!r}")
+        if hp["schedule_by"] == "steps":
+            if total is None:
+                raise ValueError("training.schedule_by=steps needs trainer.max_steps or trainer.max_epochs")
+            budget = None
         if total is None and not budget:
             raise ValueError("scheduler=cosine needs an end: set trainer.max_epochs, trainer.max_steps or "
                              "trainer.max_time (or use training.scheduler=plateau)")
         warm = max(min(hp["warmup_steps"], total // 10 if total else hp["warmup_steps"]), 1)
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            # progress through the run: by steps, or by wall-clock time when only trainer.max_time bounds it
-            progress = (step - warm) / max(total - warm, 1) if total else timer.time_elapsed("train") / budget
-            progress = min(progress, 1.0)
-            return hp["min_lr_ratio"] + (1 - hp["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = WarmupCosine(opt, warmup=warm, total=total, budget=budget, min_lr_ratio=hp["min_lr_ratio"],
+                             clock=(lambda: timer.time_elapsed("train")) if budget else None)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:

@@ -114,7 +114,8 @@ def build(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[L.Lightn
     loss = ensemble.wrap_loss(instantiate(t.loss), cfg)  # the heads' NLL term of a shallow ensemble
     module = PotentialModule(
         potential, loss, lr=t.lr, weight_decay=t.weight_decay, scheduler=t.scheduler,
-        warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, plateau_factor=t.plateau_factor,
+        warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, schedule_by=t.get("schedule_by", "budget"),
+        plateau_factor=t.plateau_factor,
         plateau_patience=t.plateau_patience, ema_decay=t.ema_decay, datasets=getattr(dm, "names", ()),
         model_config=OmegaConf.to_container(cfg.model, resolve=True),
     )
@@ -141,7 +142,8 @@ def _finetune_module(cfg: DictConfig, dm, model: EnergyModel, base, physics: Phy
     log.info("fine-tuning learning rate finetune.lr=%g (training.lr=%g is for runs from scratch)", ft.lr, t.lr)
     module = PotentialModule(  # the EMA copy is taken here: it starts from the base's weights
         potential, instantiate(t.loss), lr=ft.lr, weight_decay=t.weight_decay, scheduler=t.scheduler,
-        warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, plateau_factor=t.plateau_factor,
+        warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio, schedule_by=t.get("schedule_by", "budget"),
+        plateau_factor=t.plateau_factor,
         plateau_patience=t.plateau_patience, ema_decay=t.ema_decay, datasets=getattr(dm, "names", ()),
         model_config={**OmegaConf.to_container(cfg.model, resolve=True), **model.resolved_config()},
         lr_scales=OmegaConf.to_container(ft.lr_scales) if ft.get("lr_scales") else None,
