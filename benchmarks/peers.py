@@ -71,6 +71,12 @@ PEERS: dict[str, PeerSpec] = {
         distributions=("fairchem-core", "torch", "e3nn", "ase", "numpy"),
         smoke="import fairchem.core.models.uma.escn_md, torch; assert torch.__version__.startswith('2.13.0')",
     ),
+    "nequip": PeerSpec(
+        name="nequip",
+        packages=("nequip==0.19.1", "nequip-allegro==0.8.3", "ase"),
+        distributions=("nequip", "nequip-allegro", "torch", "e3nn", "ase", "numpy", "lightning"),
+        smoke="import nequip.model, allegro.model, torch; assert torch.__version__.startswith('2.13.0')",
+    ),
 }
 
 

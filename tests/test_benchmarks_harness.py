@@ -55,7 +55,7 @@ def test_venv_marker_decides_readiness(tmp_path, monkeypatch):
     (tmp_path / "mace" / peers.MARKER).write_text(json.dumps({**marker, "pins": ["torch==2.0.0"]}))
     assert not peers.is_ready("mace")
     with pytest.raises(peers.PeerError, match="unknown peer"):
-        peers.is_ready("nequip")
+        peers.is_ready("no-such-peer")
 
 
 def test_pins_put_torch_first_and_keep_it_fixed():
