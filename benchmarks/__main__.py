@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         models=tuple(args.models.split(",")) if args.models else None,
         accuracy_models=tuple(args.accuracy_models.split(",")) if args.accuracy_models else None,
         omp_wait_policy=args.omp_wait, malloc=args.malloc, rounds=args.rounds, datasets=args.datasets,
-        eval_points=args.eval_points)
+        eval_points=args.eval_points, report_variant=args.report_variant)
     tasks = datasets.parse_datasets(settings.datasets) if settings.datasets else []
     start = dt.datetime.now()
     meta = {"start": start.isoformat(timespec="seconds"), "machine_start": report.machine_info(),
@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = {"neighbors": lambda: neighbors_bench.run(), "infer": lambda: run_infer(settings, paths),
-             "train": lambda: run_train(settings, paths, splits), "accuracy": lambda: run_datasets(settings, tasks) if tasks else run_accuracy(settings, splits)}
+             "train": lambda: run_train(settings, paths, splits),
+             "accuracy": lambda: (run_datasets(settings, tasks) if tasks else run_accuracy(settings, splits))}
     written = []
     for part in PARTS:
         if part in only:
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             part_data = {"meta": meta, "records": {part: steps[part]()}}
             meta["machine_end"] = report.machine_info()
             # each part's raw numbers and report are written as soon as it ends, so a later failure loses nothing
-            raw = out / f"{report.report_name(part, settings.dtypes)}.json"
+            raw = out / f"{report.report_name(part, settings.dtypes, settings.report_variant)}.json"
             raw.write_text(json.dumps(part_data, indent=1, default=str))
             written += write(part_data, out)
     return written
@@ -183,7 +184,7 @@ def write(run_data: dict, out: Path) -> list[Path]:
     for part in PARTS:
         if part not in records:
             continue
-        name = report.report_name(part, settings.get("dtypes", ("float32",)))
+        name = report.report_name(part, settings.get("dtypes", ("float32",)), settings.get("report_variant", ""))
         recs = records[part]
         if part == "infer":
             report.plot_throughput(recs, out / f"{name}.png")
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--malloc", default="tuned", choices=("tuned", "system"),
                    help="glibc allocator settings of every worker: tuned (freed memory kept for reuse, as "
                         "potentials.accel.allocator sets) or the system defaults")
+    r.add_argument("--report-variant", help="write <part>-<variant>.md/.json/.png instead of replacing <part>.md "
+                                            "(a side report over a subset of models)")
     r.add_argument("--out", default=str(report.RESULTS_DIR))
     w = sub.add_parser("report", help="re-render the markdown and figures from a saved <part>.json")
     w.add_argument("json")

@@ -257,14 +257,15 @@ def plot_neighbors(rows: list[dict], path: Path) -> Path:
     return _loglog(path, lines, "atoms (Cu fcc, cutoff 5 Å)", "ms per neighbour list")
 
 
-def report_name(part: str, dtypes=("float32",)) -> str:
+def report_name(part: str, dtypes=("float32",), variant: str = "") -> str:
     """The fixed file name (without suffix) of a part's report: each run replaces the previous report of its part.
 
     Inference measured in float64 alone is not comparable with the float32 figures, so it keeps its own report.
+    ``variant`` (``--report-variant``) names a side report, ``<part>-<variant>``, for a run over a subset of models
+    that must not replace the part's main report.
     """
-    if part == "infer" and tuple(dtypes) == ("float64",):
-        return "infer-float64"
-    return part
+    name = "infer-float64" if part == "infer" and tuple(dtypes) == ("float64",) else part
+    return f"{name}-{variant}" if variant else name
 
 
 def write_markdown(path: Path, header: dict, sections: list[tuple[str, str]],

@@ -109,6 +109,7 @@ class Settings:
     malloc: str = "tuned"  # glibc allocator settings of every worker: "tuned" (potentials.accel.allocator) or "system"
     datasets: str = ""  # accuracy part: real-data sets (benchmarks.datasets.parse_datasets); empty: MD17 ethanol
     eval_points: int = 8  # evaluations per equal-time training run, log-spaced in time
+    report_variant: str = ""  # non-empty: reports go to <part>-<variant>.* (a side report) instead of <part>.*
     rounds: int = 1  # repetitions of the inference part (models interleaved); the report takes medians
 
     @classmethod

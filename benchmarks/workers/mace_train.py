@@ -81,7 +81,8 @@ def train_equal_time(request: dict) -> dict:
     train_cfgs, train_graphs = _graphs(request["train"], z_table, cfg["r_max"])
     tests = request.get("tests") or {"test": request["test"]}
     stress = bool(request.get("stress", False))
-    eval_graphs = {name: _graphs(path, z_table, cfg["r_max"])[1] for name, path in {"val": request["val"], **tests}.items()}
+    eval_paths = {"val": request["val"], **tests}
+    eval_graphs = {name: _graphs(path, z_table, cfg["r_max"])[1] for name, path in eval_paths.items()}
     atomic_energies, shift, scale, avg_nb = _statistics(train_cfgs, train_graphs, z_table)
     model = build_model(cfg, z_table.zs, avg_nb, atomic_energies=atomic_energies, scale=scale, shift=shift)
     if stress:
@@ -129,7 +130,8 @@ def train_equal_time(request: dict) -> dict:
             "budget_s": budget, "lr": float(request.get("lr", 0.01)), "train_s": run["train_s"], "steps": run["steps"],
             "epochs": run["epochs"],
             "batch_size": bs,
-            "n_train": len(train_graphs), "n_val": len(eval_graphs["val"]), "n_test": len(eval_graphs[next(iter(tests))]),
+            "n_train": len(train_graphs), "n_val": len(eval_graphs["val"]),
+            "n_test": len(eval_graphs[next(iter(tests))]),
             "sizes": {k: len(v) for k, v in eval_graphs.items()}, "stress": stress,
             "setup": {"loss": "1*E/atom MSE + 100*F MSE (eV); last 25%: 1000*E, lr 1e-3" if stage_two
                       else "1*E/atom MSE + 100*F MSE (eV)", "optimizer": "AdamW amsgrad wd 5e-7",

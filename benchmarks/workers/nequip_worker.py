@@ -25,8 +25,18 @@ import ase.data
 import ase.io
 import numpy as np
 import torch
-from _common import dispatch, measure_infer, read_frames, result, run, time_steps, train_entry, train_for_budget
-from _common import CLIP_GRAD_NORM, versions
+from _common import (
+    CLIP_GRAD_NORM,
+    dispatch,
+    measure_infer,
+    read_frames,
+    result,
+    run,
+    time_steps,
+    train_entry,
+    train_for_budget,
+    versions,
+)
 from nequip.data import AtomicDataDict, from_ase
 from nequip.data.transforms import ChemicalSpeciesToAtomTypeMapper, NeighborListTransform
 from nequip.utils.global_state import set_global_state
