@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import neighbors_bench, peers, report, structures, suite
+from benchmarks import datasets, neighbors_bench, peers, report, structures, suite
 
 PARTS = ("infer", "train", "accuracy", "neighbors")
 
@@ -71,16 +71,40 @@ def run_train(settings: suite.Settings, paths: dict[str, Path], splits: dict[str
     return records
 
 
+def _accuracy_models(settings: suite.Settings) -> list[tuple[str, str, dict]]:
+    """(label, framework, config) of the models the accuracy part trains: all selected but fairchem's."""
+    return [(label, framework, cfg) for label, (framework, cfg) in suite.selected_models(settings).items()
+            if framework != "fairchem" and (not settings.accuracy_models or label in settings.accuracy_models)]
+
+
+def _train_request(settings: suite.Settings, label: str, cfg: dict) -> dict:
+    return {**_common(settings, "train_equal_time", "float32", cfg), "budget_s": settings.budget_s,
+            "batch_size": 5, "eval_points": settings.eval_points, **suite.TRAINING_OVERRIDES.get(label, {})}
+
+
 def run_accuracy(settings: suite.Settings, splits: dict[str, Path]) -> list[dict]:
-    """MACE and our models trained on MD17 ethanol for the same wall-clock budget (fairchem not included)."""
+    """MACE, nequip and our models trained on MD17 ethanol for the same wall-clock budget (fairchem not included)."""
     records = []
-    for label, (framework, cfg) in suite.selected_models(settings).items():
-        if framework == "fairchem" or (settings.accuracy_models and label not in settings.accuracy_models):
-            continue
-        req = {**_common(settings, "train_equal_time", "float32", cfg), "budget_s": settings.budget_s,
-               **{k: str(v) for k, v in splits.items()}, "batch_size": 5, "eval_points": 8,
-               **suite.TRAINING_OVERRIDES.get(label, {})}
+    for label, framework, cfg in _accuracy_models(settings):
+        req = {**_train_request(settings, label, cfg), **{k: str(v) for k, v in splits.items()}}
         records.append(_record(framework, label, req, settings, timeout=settings.budget_s * 3 + 1800))
+    return records
+
+
+def run_datasets(settings: suite.Settings, tasks: list[datasets.Task]) -> list[dict]:
+    """Every accuracy model trained on every task of ``--datasets`` for the same budget, one worker each; a record
+    carries its task's name, sizes, test-set names, stress flag and split notes."""
+    records = []
+    for task in tasks:
+        paths = datasets.write_task(task, structures.CACHE_DIR)
+        log(f"data set {task.name}: {paths['sizes']} {paths['notes'].get('held_out_groups', '')}")
+        info = {"dataset": task.name, "sizes": paths["sizes"], "tests": list(task.tests), "stress": task.stress,
+                "per_atom_energy": task.per_atom_energy, "notes": paths["notes"]}
+        for label, framework, cfg in _accuracy_models(settings):
+            req = {**_train_request(settings, label, cfg), "train": paths["train"], "val": paths["val"],
+                   "tests": paths["tests"], "stress": task.stress}
+            rec = _record(framework, label, req, settings, timeout=settings.budget_s * 3 + 1800)
+            records.append({**rec, **info})
     return records
 
 
@@ -108,7 +132,9 @@ def run(args: argparse.Namespace) -> list[Path]:
         frameworks=tuple(args.frameworks.split(",")) if args.frameworks else None,
         models=tuple(args.models.split(",")) if args.models else None,
         accuracy_models=tuple(args.accuracy_models.split(",")) if args.accuracy_models else None,
-        omp_wait_policy=args.omp_wait, malloc=args.malloc, rounds=args.rounds)
+        omp_wait_policy=args.omp_wait, malloc=args.malloc, rounds=args.rounds, datasets=args.datasets,
+        eval_points=args.eval_points, report_variant=args.report_variant)
+    tasks = datasets.parse_datasets(settings.datasets) if settings.datasets else []
     start = dt.datetime.now()
     meta = {"start": start.isoformat(timespec="seconds"), "machine_start": report.machine_info(),
             "command": "python -m benchmarks " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -121,7 +147,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = {"neighbors": lambda: neighbors_bench.run(), "infer": lambda: run_infer(settings, paths),
-             "train": lambda: run_train(settings, paths, splits), "accuracy": lambda: run_accuracy(settings, splits)}
+             "train": lambda: run_train(settings, paths, splits),
+             "accuracy": lambda: (run_datasets(settings, tasks) if tasks else run_accuracy(settings, splits))}
     written = []
     for part in PARTS:
         if part in only:
@@ -129,7 +156,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             part_data = {"meta": meta, "records": {part: steps[part]()}}
             meta["machine_end"] = report.machine_info()
             # each part's raw numbers and report are written as soon as it ends, so a later failure loses nothing
-            raw = out / f"{report.report_name(part, settings.dtypes)}.json"
+            raw = out / f"{report.report_name(part, settings.dtypes, settings.report_variant)}.json"
             raw.write_text(json.dumps(part_data, indent=1, default=str))
             written += write(part_data, out)
     return written
@@ -157,7 +184,7 @@ def write(run_data: dict, out: Path) -> list[Path]:
     for part in PARTS:
         if part not in records:
             continue
-        name = report.report_name(part, settings.get("dtypes", ("float32",)))
+        name = report.report_name(part, settings.get("dtypes", ("float32",)), settings.get("report_variant", ""))
         recs = records[part]
         if part == "infer":
             report.plot_throughput(recs, out / f"{name}.png")
@@ -168,6 +195,9 @@ def write(run_data: dict, out: Path) -> list[Path]:
                 sections.append(("Inference: speed ratios within each round", paired))
         elif part == "train":
             sections = [("Training step (forces in the loss, graphs prebuilt, float32)", report.train_table(recs))]
+        elif part == "accuracy" and any("dataset" in r for r in recs):
+            sections = report.dataset_sections(recs, settings["budget_s"], out, name,
+                                               settings.get("eval_points", 8))
         elif part == "accuracy":
             report.plot_curves(recs, out / f"{name}.png")
             sections = [(f"Accuracy at equal time: MD17 ethanol, {settings['budget_s']:.0f} s of optimiser steps",
@@ -188,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("run", help="measure and write the report")
     r.add_argument("--quick", action="store_true", help="one model per framework, float32, Si64 and Cu500, 60 s")
     r.add_argument("--only", help=f"comma-separated subset of {','.join(PARTS)}")
-    r.add_argument("--frameworks", help="comma-separated subset of ours,mace,fairchem")
+    r.add_argument("--frameworks", help="comma-separated subset of ours,mace,fairchem,nequip")
     r.add_argument("--models", help=f"comma-separated labels from {','.join(suite.all_models())}")
     r.add_argument("--accuracy-models", help="the subset of --models trained for the accuracy part (default: all)")
     r.add_argument("--dtypes", help="comma-separated subset of float32,float64")
@@ -196,11 +226,18 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--rounds", type=int, help="repeat the inference part this many times, models interleaved; "
                                               "the report gives the median over rounds and their spread")
-    r.add_argument("--budget", type=float, help="seconds of training per model for the accuracy part")
+    r.add_argument("--budget", type=float, help="seconds of training per model (and per data set) for the accuracy "
+                                                "part")
+    r.add_argument("--datasets", help="real-data sets of the accuracy part instead of MD17 ethanol, e.g. "
+                                      "'rmd17:aspirin,ethanol,acac,ta:random,inp' (rmd17, acac, ta, inp, md17-ethanol; "
+                                      f"'quick' = {datasets.QUICK_DATASETS})")
+    r.add_argument("--eval-points", type=int, help="evaluations per training run, log-spaced in time (default 8)")
     r.add_argument("--omp-wait", default="PASSIVE", help="OMP_WAIT_POLICY for workers (PASSIVE, ACTIVE or none)")
     r.add_argument("--malloc", default="tuned", choices=("tuned", "system"),
                    help="glibc allocator settings of every worker: tuned (freed memory kept for reuse, as "
                         "potentials.accel.allocator sets) or the system defaults")
+    r.add_argument("--report-variant", help="write <part>-<variant>.md/.json/.png instead of replacing <part>.md "
+                                            "(a side report over a subset of models)")
     r.add_argument("--out", default=str(report.RESULTS_DIR))
     w = sub.add_parser("report", help="re-render the markdown and figures from a saved <part>.json")
     w.add_argument("json")

@@ -1,6 +1,6 @@
 """Peer frameworks: one cached virtual environment each, and the subprocess call into its worker.
 
-Each peer (``mace``, ``fairchem``) lives in ``benchmarks/.venvs/<peer>`` (git-ignored). The venv is
+Each peer (``mace``, ``fairchem``, ``nequip``) lives in ``benchmarks/.venvs/<peer>`` (git-ignored). The venv is
 created on first use and re-created when its marker file is missing or records other pins than the
 ones below. ``torch`` is installed first and pinned in every later step, so the peer's own
 requirements cannot swap it for a multi-GB CUDA build.
@@ -9,6 +9,8 @@ Pins:
     * torch 2.13.0 (the CPU build that pip finds locally) in both venvs; fairchem-core 2.24.0 itself
       requires ``torch~=2.13.0`` and mace-torch 0.3.16 ``torch>=1.12``, so no other torch is needed.
     * mace-torch 0.3.16 (pins e3nn 0.4.4, which is why it cannot share the main venv, e3nn >= 0.5).
+    * nequip 0.19.1 and nequip-allegro 0.8.3 plus ase (nequip requires ``torch>=2.2``; it brings e3nn 0.6 and
+      lightning 2.6).
     * fairchem-core 2.24.0 plus ase. Its Linux requirements include ``cuda-python`` and
       ``nvidia-cutlass-dsl`` wheels (about 2.4 GB in all); these are installed, not used, on CPU.
 
@@ -70,6 +72,12 @@ PEERS: dict[str, PeerSpec] = {
         packages=("fairchem-core==2.24.0", "ase"),
         distributions=("fairchem-core", "torch", "e3nn", "ase", "numpy"),
         smoke="import fairchem.core.models.uma.escn_md, torch; assert torch.__version__.startswith('2.13.0')",
+    ),
+    "nequip": PeerSpec(
+        name="nequip",
+        packages=("nequip==0.19.1", "nequip-allegro==0.8.3", "ase"),
+        distributions=("nequip", "nequip-allegro", "torch", "e3nn", "ase", "numpy", "lightning"),
+        smoke="import nequip.model, allegro.model, torch; assert torch.__version__.startswith('2.13.0')",
     ),
 }
 

@@ -257,14 +257,15 @@ def plot_neighbors(rows: list[dict], path: Path) -> Path:
     return _loglog(path, lines, "atoms (Cu fcc, cutoff 5 Å)", "ms per neighbour list")
 
 
-def report_name(part: str, dtypes=("float32",)) -> str:
+def report_name(part: str, dtypes=("float32",), variant: str = "") -> str:
     """The fixed file name (without suffix) of a part's report: each run replaces the previous report of its part.
 
     Inference measured in float64 alone is not comparable with the float32 figures, so it keeps its own report.
+    ``variant`` (``--report-variant``) names a side report, ``<part>-<variant>``, for a run over a subset of models
+    that must not replace the part's main report.
     """
-    if part == "infer" and tuple(dtypes) == ("float64",):
-        return "infer-float64"
-    return part
+    name = "infer-float64" if part == "infer" and tuple(dtypes) == ("float64",) else part
+    return f"{name}-{variant}" if variant else name
 
 
 def write_markdown(path: Path, header: dict, sections: list[tuple[str, str]],
@@ -286,3 +287,126 @@ def write_markdown(path: Path, header: dict, sections: list[tuple[str, str]],
 
 def _inline(d: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in d.items())
+
+
+def _interp_loglog(xs: list[float], ys: list[float], x: float) -> float:
+    """``ys`` at ``x``, linear in log-log between the points, held constant beyond the ends."""
+    import math
+
+    pts = [(a, b) for a, b in zip(xs, ys, strict=True) if a > 0 and b > 0]
+    if not pts:
+        return float("nan")
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if x <= x1:
+            w = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0)) if x1 > x0 else 1.0
+            return math.exp(math.log(y0) + w * (math.log(y1) - math.log(y0)))
+    return pts[-1][1]
+
+
+def equal_time_ratios(records: list[dict], marks: list[float], key: str = "test_f_mae_meV_A") -> list[list]:
+    """For each non-MACE record: its ``key`` divided by MACE's at each time of ``marks`` (both curves interpolated
+    in log-log; < 1 means more accurate than MACE after the same training time)."""
+    ok = [r for r in records if "result" in r and r["result"].get("curve")]
+    ref = next((r for r in ok if r["framework"] == "mace"), None)
+    if ref is None:
+        return []
+    curve = ref["result"]["curve"]
+    rx, ry = [c["elapsed_s"] for c in curve], [c[key] for c in curve]
+    rows = []
+    for rec in ok:
+        if rec is ref:
+            continue
+        cx = [c["elapsed_s"] for c in rec["result"]["curve"]]
+        cy = [c[key] for c in rec["result"]["curve"]]
+        rows.append([rec["label"], rec["framework"], ref["label"],
+                     *[_interp_loglog(cx, cy, m) / _interp_loglog(rx, ry, m) for m in marks]])
+    return rows
+
+
+def _set_metric(point: dict, test: str, key: str):
+    return point.get("sets", {}).get(test, {}).get(key)
+
+
+def dataset_table(records: list[dict]) -> str:
+    """One data set's test errors after the same training budget, one row per model, the published value below."""
+    first = records[0]
+    tests, stress, per_atom = first["tests"], first["stress"], first["per_atom_energy"]
+    e_key, e_unit = ("e_mae_meV_atom", "meV/atom") if per_atom else ("e_mae_meV", "meV")
+    headers = ["model", "framework", "params", "lr", "steps", "epochs"]
+    for t in tests:
+        prefix = "" if len(tests) == 1 else f"{t} "
+        headers += [f"{prefix}E MAE {e_unit}", f"{prefix}F MAE meV/Å"] + ([f"{prefix}S MAE meV/Å³"] if stress else [])
+    rows = []
+    for rec in records:
+        if "result" not in rec:
+            continue
+        r = rec["result"]
+        last = r["curve"][-1]
+        row = [rec["label"], rec["framework"], r["model"].get("n_params"), r.get("lr"), r["steps"], r["epochs"]]
+        for t in tests:
+            row += [_set_metric(last, t, e_key), _set_metric(last, t, "f_mae_meV_A")]
+            if stress:
+                row.append(_set_metric(last, t, "s_mae_meV_A3"))
+        rows.append(row)
+    from benchmarks.datasets import PUBLISHED_SOURCE, published_force_mae
+
+    published = published_force_mae(first["dataset"])
+    if published is not None:
+        rows.append(["MACE, published", PUBLISHED_SOURCE, None, None, None, None, None, published]
+                    + [None] * (len(headers) - 8))
+    sizes = ", ".join(f"{k} {v}" for k, v in first["sizes"].items())
+    notes = first.get("notes", {})
+    facts = f"Frames: {sizes}. Source: {notes.get('source', '?')}."
+    if notes.get("held_out_groups"):
+        facts += f" Test groups (config_type, held out of training): {', '.join(notes['held_out_groups'])}."
+    return facts + "\n\n" + markdown_table(headers, rows) + _errors(records)
+
+
+def plot_dataset_curves(by_set: dict[str, list[dict]], path: Path, key: str = "test_f_mae_meV_A") -> Path:
+    """Test force MAE (first test set) against training seconds, one panel per data set, log-log."""
+    n = max(1, len(by_set))
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (name, recs) in zip(axes.flat, by_set.items(), strict=False):
+        for rec in recs:
+            if "result" in rec:
+                curve = rec["result"]["curve"]
+                ax.plot([c["elapsed_s"] for c in curve], [c[key] for c in curve], marker="o", label=rec["label"])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{name} ({recs[0]['tests'][0]})", fontsize=10)
+        ax.set_xlabel("training time, s (optimiser steps only)")
+        ax.set_ylabel("test force MAE, meV/Å")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def dataset_sections(records: list[dict], budget_s: float, out: Path, name: str,
+                     eval_points: int = 8) -> list[tuple[str, str]]:
+    """The accuracy report of a ``--datasets`` run: per data set a table and the ratios to MACE; one figure."""
+    import numpy as np
+
+    by_set: dict[str, list[dict]] = {}
+    for rec in records:
+        by_set.setdefault(rec["dataset"], []).append(rec)
+    plot_dataset_curves(by_set, out / f"{name}.png")
+    marks = [float(m) for m in np.geomspace(budget_s / 2 ** (eval_points - 1), budget_s, eval_points)]
+    sections = []
+    for dataset, recs in by_set.items():
+        body = dataset_table(recs)
+        ratios = equal_time_ratios(recs, marks)
+        if ratios:
+            body += ("\n\nForce MAE on the first test set divided by MACE's after the same training time (< 1: "
+                     "more accurate than MACE at that time):\n\n"
+                     + markdown_table(["model", "framework", "reference", *[f"{m:.3g} s" for m in marks]], ratios))
+        sections.append((f"{dataset}: accuracy after {budget_s:.0f} s of optimiser steps", body))
+    sections.append(("Learning curves", f"![accuracy]({name}.png)"))
+    return sections

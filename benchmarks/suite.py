@@ -38,6 +38,17 @@ FAIRCHEM_MODELS: dict[str, dict] = {
                              "forces": "direct"},
 }
 
+#: nequip's own builders with their documented defaults. "nequip-s": the "S" preset of nequip's foundation-model
+#: sizes (PresetNequIPGNNModel: 2 layers as MACE's 2 interactions, l_max 1, features [128 scalars, 64 vectors],
+#: no odd parity, 32 type-embedding features, radial MLP 1 x 128). "nequip-32": NequIPGNNModel's argument defaults
+#: (4 layers, l_max 1, parity, 32 features). "allegro-64-l1": AllegroModel's defaults (2 layers, 64 scalar and 16
+#: tensor features) at l_max 1, 8-Bessel two-body embedding. Cutoff 5 Å and 8 Bessels for all, as for the others.
+NEQUIP_MODELS: dict[str, dict] = {
+    "nequip-s": {"builder": "preset", "preset": "S", "r_max": CUTOFF},
+    "nequip-32": {"builder": "nequip", "r_max": CUTOFF},
+    "allegro-64-l1": {"builder": "allegro", "l_max": 1, "r_max": CUTOFF},
+}
+
 _EQV2 = {"_target_": "potentials.models.equiformer.EquiformerV2", "cutoff": CUTOFF, "num_layers": 2, "lmax": 2,
          "mmax": 2, "channels": 64, "attn_hidden_channels": 64, "ffn_hidden_channels": 64, "edge_channels": 64,
          "num_basis": 64}
@@ -78,7 +89,7 @@ TRAINING_OVERRIDES: dict[str, dict] = {
 }
 
 #: The models the ``--quick`` run measures (one per framework).
-QUICK_MODELS = ("mace-64", "escn-md-64-l2", "egnn-64")
+QUICK_MODELS = ("mace-64", "escn-md-64-l2", "nequip-s", "egnn-64")
 
 
 @dataclass
@@ -95,11 +106,14 @@ class Settings:
     train_steps: int = 5
     budget_s: float = 600.0
     md17_split: tuple[int, int, int] = (950, 50, 1000)
-    frameworks: tuple[str, ...] = ("ours", "mace", "fairchem")
+    frameworks: tuple[str, ...] = ("ours", "mace", "fairchem", "nequip")
     models: tuple[str, ...] = field(default_factory=tuple)
     accuracy_models: tuple[str, ...] = field(default_factory=tuple)  # empty: every selected model but fairchem
     omp_wait_policy: str = "PASSIVE"
     malloc: str = "tuned"  # glibc allocator settings of every worker: "tuned" (potentials.accel.allocator) or "system"
+    datasets: str = ""  # accuracy part: real-data sets (benchmarks.datasets.parse_datasets); empty: MD17 ethanol
+    eval_points: int = 8  # evaluations per equal-time training run, log-spaced in time
+    report_variant: str = ""  # non-empty: reports go to <part>-<variant>.* (a side report) instead of <part>.*
     rounds: int = 1  # repetitions of the inference part (models interleaved); the report takes medians
 
     @classmethod
@@ -122,7 +136,8 @@ class Settings:
 def all_models() -> dict[str, tuple[str, dict]]:
     """Label → (framework, model config), over all frameworks."""
     out = {}
-    for framework, table in (("mace", MACE_MODELS), ("fairchem", FAIRCHEM_MODELS), ("ours", OURS_MODELS)):
+    for framework, table in (("mace", MACE_MODELS), ("fairchem", FAIRCHEM_MODELS), ("nequip", NEQUIP_MODELS),
+                             ("ours", OURS_MODELS)):
         for label, cfg in table.items():
             out[label] = (framework, cfg)
     return out

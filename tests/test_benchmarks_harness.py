@@ -55,7 +55,7 @@ def test_venv_marker_decides_readiness(tmp_path, monkeypatch):
     (tmp_path / "mace" / peers.MARKER).write_text(json.dumps({**marker, "pins": ["torch==2.0.0"]}))
     assert not peers.is_ready("mace")
     with pytest.raises(peers.PeerError, match="unknown peer"):
-        peers.is_ready("nequip")
+        peers.is_ready("no-such-peer")
 
 
 def test_pins_put_torch_first_and_keep_it_fixed():
@@ -123,6 +123,7 @@ def test_markdown_report_has_run_facts(tmp_path):
     assert report.report_name("infer") == "infer" and report.report_name("train") == "train"
     assert report.report_name("infer", ("float64",)) == "infer-float64"
     assert report.report_name("infer", ("float32", "float64")) == "infer"
+    assert report.report_name("infer", ("float32",), "nequip") == "infer-nequip"
 
 
 def test_each_part_is_written_under_its_fixed_name_with_the_run_date(tmp_path):

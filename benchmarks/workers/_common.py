@@ -104,6 +104,10 @@ def infer_entry(name: str, n_atoms: int, n_edges: int, graph_t: list[float], mod
 #: Gradient-norm clipping of the equal-time recipe (mace's ``--clip_grad`` default).
 CLIP_GRAD_NORM = 10.0
 
+#: Weight of the stress-component MSE (eV/Å³) in the equal-time loss where the data carry stress (mace's
+#: ``--stress_weight`` default for its stress loss), beside 1 × per-atom energy and 100 × force MSE.
+STRESS_WEIGHT = 1.0
+
 #: MACE's second training stage (its ``--swa`` defaults): for the last quarter of training the energy weight
 #: rises from 1 to 1000 (forces stay at 100) and the learning rate drops to 1e-3.
 STAGE_TWO = {"start": 0.75, "energy_weight": 1000.0, "forces_weight": 100.0, "lr": 1e-3}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ase.io
 import numpy as np
 import torch
-from _common import CLIP_GRAD_NORM, loss_weights, setup_torch, train_for_budget, versions
+from _common import CLIP_GRAD_NORM, STRESS_WEIGHT, loss_weights, setup_torch, train_for_budget, versions
 from mace import data as mace_data
 from mace import modules
 from mace.tools import torch_geometric
@@ -39,14 +39,23 @@ def _loader(graphs: list, batch_size: int, shuffle: bool) -> torch_geometric.dat
     return torch_geometric.dataloader.DataLoader(graphs, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle)
 
 
-def evaluate(model: torch.nn.Module, loader) -> dict:
-    """Energy MAE (meV per structure) and force-component MAE (meV/Å)."""
-    e_err, f_err = [], []
+def evaluate(model: torch.nn.Module, loader, stress: bool = False) -> dict:
+    """Energy MAE per structure (meV) and per atom (meV/atom), force-component MAE (meV/Å) and, with ``stress``,
+    stress-component MAE (meV/Å³)."""
+    e_err, e_atom, f_err, s_err = [], [], [], []
     for batch in loader:
-        out = model(batch.to_dict(), training=False, compute_force=True)
-        e_err.append((out["energy"].detach() - batch.energy).abs())
+        out = model(batch.to_dict(), training=False, compute_force=True, compute_stress=stress)
+        de = (out["energy"].detach() - batch.energy).abs().double()
+        e_err.append(de)
+        e_atom.append(de / (batch.ptr[1:] - batch.ptr[:-1]).double())
         f_err.append((out["forces"].detach() - batch.forces).abs().reshape(-1))
-    return {"e_mae_meV": 1e3 * float(torch.cat(e_err).mean()), "f_mae_meV_A": 1e3 * float(torch.cat(f_err).mean())}
+        if stress:
+            s_err.append((out["stress"].detach() - batch.stress.view(-1, 3, 3)).abs().reshape(-1))
+    res = {"e_mae_meV": 1e3 * float(torch.cat(e_err).mean()), "e_mae_meV_atom": 1e3 * float(torch.cat(e_atom).mean()),
+           "f_mae_meV_A": 1e3 * float(torch.cat(f_err).mean())}
+    if stress:
+        res["s_mae_meV_A3"] = 1e3 * float(torch.cat(s_err).mean())
+    return res
 
 
 def _statistics(configs: list, graphs: list, z_table: AtomicNumberTable) -> tuple[np.ndarray, float, float, float]:
@@ -70,15 +79,21 @@ def train_equal_time(request: dict) -> dict:
     train_frames = ase.io.read(request["train"], index=":")
     z_table = AtomicNumberTable(sorted({int(z) for a in train_frames for z in a.numbers}))
     train_cfgs, train_graphs = _graphs(request["train"], z_table, cfg["r_max"])
-    _, val_graphs = _graphs(request["val"], z_table, cfg["r_max"])
-    _, test_graphs = _graphs(request["test"], z_table, cfg["r_max"])
+    tests = request.get("tests") or {"test": request["test"]}
+    stress = bool(request.get("stress", False))
+    eval_paths = {"val": request["val"], **tests}
+    eval_graphs = {name: _graphs(path, z_table, cfg["r_max"])[1] for name, path in eval_paths.items()}
     atomic_energies, shift, scale, avg_nb = _statistics(train_cfgs, train_graphs, z_table)
     model = build_model(cfg, z_table.zs, avg_nb, atomic_energies=atomic_energies, scale=scale, shift=shift)
-    loss_fn = modules.WeightedEnergyForcesLoss(energy_weight=1.0, forces_weight=100.0)
+    if stress:
+        loss_fn = modules.WeightedEnergyForcesStressLoss(energy_weight=1.0, forces_weight=100.0,
+                                                         stress_weight=STRESS_WEIGHT)
+    else:
+        loss_fn = modules.WeightedEnergyForcesLoss(energy_weight=1.0, forces_weight=100.0)
     opt = torch.optim.AdamW(model.parameters(), lr=float(request.get("lr", 0.01)), weight_decay=5e-7, amsgrad=True)
     ema = ExponentialMovingAverage(model.parameters(), decay=float(request.get("ema_decay", 0.99)))
     train_loader = _loader(train_graphs, bs, shuffle=True)
-    val_loader, test_loader = _loader(val_graphs, 50, False), _loader(test_graphs, 50, False)
+    eval_loaders = {name: _loader(graphs, 50, False) for name, graphs in eval_graphs.items()}
 
     stage_two = bool(request.get("stage_two", True))
 
@@ -86,7 +101,7 @@ def train_equal_time(request: dict) -> dict:
         loss_fn.energy_weight.fill_(loss_weights(fraction, opt, stage_two)[0])
         batch_dict = batch.to_dict()
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(_Ref(batch_dict), model(batch_dict, training=True, compute_force=True))
+        loss = loss_fn(_Ref(batch_dict), model(batch_dict, training=True, compute_force=True, compute_stress=stress))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD_NORM)
         opt.step()
@@ -95,15 +110,16 @@ def train_equal_time(request: dict) -> dict:
     def metrics():
         model.eval()
         with ema.average_parameters():
-            val, test = evaluate(model, val_loader), evaluate(model, test_loader)
+            res = {name: evaluate(model, loader, stress) for name, loader in eval_loaders.items()}
         model.train()
-        return {"val_f_mae_meV_A": val["f_mae_meV_A"], "val_e_mae_meV": val["e_mae_meV"],
-                "test_f_mae_meV_A": test["f_mae_meV_A"], "test_e_mae_meV": test["e_mae_meV"]}
+        first = res[next(iter(tests))]
+        return {"val_f_mae_meV_A": res["val"]["f_mae_meV_A"], "val_e_mae_meV": res["val"]["e_mae_meV"],
+                "test_f_mae_meV_A": first["f_mae_meV_A"], "test_e_mae_meV": first["e_mae_meV"], "sets": res}
 
     model.train()
     # One untimed forward/backward first: e3nn and TorchScript build their kernels on the first call.
     warm = next(iter(train_loader)).to_dict()
-    loss_fn(_Ref(warm), model(warm, training=True, compute_force=True)).backward()
+    loss_fn(_Ref(warm), model(warm, training=True, compute_force=True, compute_stress=stress)).backward()
     opt.zero_grad(set_to_none=True)
     run = train_for_budget(lambda: train_loader, step, metrics, budget, int(request.get("eval_points", 8)))
     curve = run["curve"]
@@ -114,7 +130,9 @@ def train_equal_time(request: dict) -> dict:
             "budget_s": budget, "lr": float(request.get("lr", 0.01)), "train_s": run["train_s"], "steps": run["steps"],
             "epochs": run["epochs"],
             "batch_size": bs,
-            "n_train": len(train_graphs), "n_val": len(val_graphs), "n_test": len(test_graphs),
+            "n_train": len(train_graphs), "n_val": len(eval_graphs["val"]),
+            "n_test": len(eval_graphs[next(iter(tests))]),
+            "sizes": {k: len(v) for k, v in eval_graphs.items()}, "stress": stress,
             "setup": {"loss": "1*E/atom MSE + 100*F MSE (eV); last 25%: 1000*E, lr 1e-3" if stage_two
                       else "1*E/atom MSE + 100*F MSE (eV)", "optimizer": "AdamW amsgrad wd 5e-7",
                       "lr": float(request.get("lr", 0.01)), "ema_decay": float(request.get("ema_decay", 0.99)),

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from _common import (
     CLIP_GRAD_NORM,
+    STRESS_WEIGHT,
     dispatch,
     loss_weights,
     measure_infer,
@@ -93,11 +94,17 @@ def infer(request: dict) -> dict:
     return result("ours", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results)
 
 
-def loss_fn(out: dict, batch: Batch, weights: tuple[float, float] = (1.0, 100.0)) -> torch.Tensor:
-    """Weighted per-atom energy MSE + force-component MSE (eV units), 1 : 100 as in the peers' training steps."""
+def loss_fn(out: dict, batch: Batch, weights: tuple[float, ...] = (1.0, 100.0)) -> torch.Tensor:
+    """Weighted per-atom energy MSE + force-component MSE (eV units), 1 : 100 as in the peers' training steps;
+    a third weight adds the stress-component MSE (eV/Å³) of the structures that have stress labels."""
     n_atoms = torch.bincount(batch.batch, minlength=batch.num_graphs).to(out["energy"].dtype)
     e_err = (out["energy"] - batch.energy.view(-1)) / n_atoms
-    return weights[0] * (e_err ** 2).mean() + weights[1] * ((out["forces"] - batch.forces) ** 2).mean()
+    loss = weights[0] * (e_err ** 2).mean() + weights[1] * ((out["forces"] - batch.forces) ** 2).mean()
+    if len(weights) > 2 and weights[2] and "stress" in out:
+        mask = batch.has_stress.view(-1)
+        if bool(mask.any()):
+            loss = loss + weights[2] * ((out["stress"][mask] - batch.stress.view(-1, 3, 3)[mask]) ** 2).mean()
+    return loss
 
 
 def train_step(request: dict) -> dict:
@@ -140,13 +147,23 @@ def _reference_energies(frames: list[ase.Atoms]) -> tuple[dict, float, float]:
     return dict(zip(zs, e0.tolist(), strict=True)), shift, rms
 
 
-def evaluate(pot: Potential, batches: list[Batch]) -> dict:
-    e_err, f_err = [], []
+def evaluate(pot: Potential, batches: list[Batch], stress: bool = False) -> dict:
+    """Energy MAE per structure (meV) and per atom (meV/atom), force-component MAE (meV/Å) and, with ``stress``,
+    stress-component MAE (meV/Å³)."""
+    e_err, e_atom, f_err, s_err = [], [], [], []
     for b in batches:
-        out = pot(b, compute_forces=True, compute_stress=False, create_graph=False)
-        e_err.append((out["energy"].detach() - b.energy.view(-1)).abs())
+        out = pot(b, compute_forces=True, compute_stress=stress, create_graph=False)
+        de = (out["energy"].detach() - b.energy.view(-1)).abs().double()
+        e_err.append(de)
+        e_atom.append(de / torch.bincount(b.batch, minlength=b.num_graphs).double())
         f_err.append((out["forces"].detach() - b.forces).abs().reshape(-1))
-    return {"e_mae_meV": 1e3 * float(torch.cat(e_err).mean()), "f_mae_meV_A": 1e3 * float(torch.cat(f_err).mean())}
+        if stress:
+            s_err.append((out["stress"].detach() - b.stress.view(-1, 3, 3)).abs().reshape(-1))
+    res = {"e_mae_meV": 1e3 * float(torch.cat(e_err).mean()), "e_mae_meV_atom": 1e3 * float(torch.cat(e_atom).mean()),
+           "f_mae_meV_A": 1e3 * float(torch.cat(f_err).mean())}
+    if stress:
+        res["s_mae_meV_A3"] = 1e3 * float(torch.cat(s_err).mean())
+    return res
 
 
 def train_equal_time(request: dict) -> dict:
@@ -156,7 +173,9 @@ def train_equal_time(request: dict) -> dict:
     cutoff, bs = float(cfg["cutoff"]), int(request.get("batch_size", 5))
     train = ase.io.read(request["train"], index=":")
     graphs = [AtomicGraph.from_atoms(a, cutoff, dtype=dtype) for a in train]
-    chunks = {s: ase.io.read(request[s], index=":") for s in ("val", "test")}
+    tests = request.get("tests") or {"test": request["test"]}
+    stress = bool(request.get("stress", False))
+    chunks = {s: ase.io.read(p, index=":") for s, p in {"val": request["val"], **tests}.items()}
     evals = {s: [to_batch(f[k:k + 50], cutoff, dtype) for k in range(0, len(f), 50)] for s, f in chunks.items()}
     e0, shift, scale = _reference_energies(train)
     avg_nb = sum(int(g.edge_index.shape[1]) for g in graphs) / sum(len(a) for a in train)
@@ -174,28 +193,30 @@ def train_equal_time(request: dict) -> dict:
     stage_two = bool(request.get("stage_two", True))
 
     def step(batch, fraction):
-        weights = loss_weights(fraction, opt, stage_two)
+        weights = (*loss_weights(fraction, opt, stage_two), STRESS_WEIGHT if stress else 0.0)
         opt.zero_grad(set_to_none=True)
-        loss_fn(pot(batch, compute_forces=True, compute_stress=False), batch, weights).backward()
+        loss_fn(pot(batch, compute_forces=True, compute_stress=stress), batch, weights).backward()
         torch.nn.utils.clip_grad_norm_(pot.parameters(), CLIP_GRAD_NORM)
         opt.step()
         ema.update_parameters(pot)
 
     def metrics():
-        val, test = evaluate(ema.module, evals["val"]), evaluate(ema.module, evals["test"])
-        return {"val_f_mae_meV_A": val["f_mae_meV_A"], "val_e_mae_meV": val["e_mae_meV"],
-                "test_f_mae_meV_A": test["f_mae_meV_A"], "test_e_mae_meV": test["e_mae_meV"]}
+        res = {name: evaluate(ema.module, batches, stress) for name, batches in evals.items()}
+        first = res[next(iter(tests))]
+        return {"val_f_mae_meV_A": res["val"]["f_mae_meV_A"], "val_e_mae_meV": res["val"]["e_mae_meV"],
+                "test_f_mae_meV_A": first["f_mae_meV_A"], "test_e_mae_meV": first["e_mae_meV"], "sets": res}
 
     pot.train()
     warm = next(iter(epoch()))
-    loss_fn(pot(warm, compute_forces=True, compute_stress=False), warm).backward()
+    loss_fn(pot(warm, compute_forces=True, compute_stress=stress), warm).backward()
     opt.zero_grad(set_to_none=True)
     out = train_for_budget(epoch, step, metrics, float(request["budget_s"]), int(request.get("eval_points", 8)))
     final = out["curve"][-1]
     return {"peer": "ours", "versions": versions(VERSIONS), "model": {**cfg, "n_params": n_params(pot)},
             "dtype": request.get("dtype", "float32"), "threads": torch.get_num_threads(),
             "budget_s": float(request["budget_s"]), "batch_size": bs, "lr": float(request.get("lr", 0.01)), **out,
-            "n_train": len(train), "n_val": len(chunks["val"]), "n_test": len(chunks["test"]),
+            "n_train": len(train), "n_val": len(chunks["val"]), "n_test": len(chunks[next(iter(tests))]),
+            "sizes": {k: len(v) for k, v in chunks.items()}, "stress": stress,
             "test_e_mae_meV": final["test_e_mae_meV"], "test_f_mae_meV_A": final["test_f_mae_meV_A"]}
 
 
