@@ -38,8 +38,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
-from benchmarks import report
+from benchmarks import report  # selects matplotlib's Agg backend
 from benchmarks.structures import CACHE_DIR, shared_data_dir
 
 NAME = "finetune"
@@ -239,16 +240,22 @@ def curves_table(records: list[dict], target: str) -> str:
 
 
 def forgetting_table(records: list[dict], pretrain: list[str]) -> str:
-    """Mean and worst error over the pretraining molecules, per model."""
-    headers = ["family", "model", "frames", "mean F", "mean E", "worst F (molecule)"]
+    """Mean and worst error over the pretraining molecules, per model, and their ratios to the base's."""
+    headers = ["family", "model", "frames", "mean F", "mean E", "mean F / base", "worst F / base (molecule)",
+               "worst E / base (molecule)"]
     rows = []
     for r in records:
         if r["experiment"] != "rmd17" or r["kind"] == "scratch" or not all(m in r["test"] for m in pretrain):
             continue
-        fs = {m: r["test"][m]["force_mae"] for m in pretrain}
-        worst = max(fs, key=fs.get)
-        rows.append([r["family"], r["kind"], r["frames"], float(np.mean(list(fs.values()))),
-                     float(np.mean([r["test"][m]["energy_mae"] for m in pretrain])), f"{fs[worst]:.1f} ({worst})"])
+        base = _get(records, family=r["family"], experiment="rmd17", kind="base")["test"]
+        fs = {m: r["test"][m]["force_mae"] / base[m]["force_mae"] for m in pretrain}
+        es = {m: r["test"][m]["energy_mae"] / base[m]["energy_mae"] for m in pretrain}
+        mean_f = float(np.mean([r["test"][m]["force_mae"] for m in pretrain]))
+        wf, we = max(fs, key=fs.get), max(es, key=es.get)
+        rows.append([r["family"], r["kind"], r["frames"], mean_f,
+                     float(np.mean([r["test"][m]["energy_mae"] for m in pretrain])),
+                     mean_f / float(np.mean([base[m]["force_mae"] for m in pretrain])),
+                     f"{fs[wf]:.2f} ({wf})", f"{es[we]:.1f} ({we})"])
     return report.markdown_table(headers, rows)
 
 
@@ -296,8 +303,8 @@ def plot(records: list[dict], target: str, path: Path) -> None:
     plt = report.plt
     fams = sorted({r["family"] for r in records if r["experiment"] == "rmd17"})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    styles = {"scratch": ("o-", "from scratch"), "finetune": ("s-", "fine-tuned"),
-              "finetune+replay": ("^--", "fine-tuned + replay")}
+    styles = {"scratch": ("o-C0", "from scratch"), "finetune": ("s-C1", "fine-tuned"),
+              "finetune+replay": ("^--C2", "fine-tuned + replay")}
     for fam in fams:
         for kind, (style, label) in styles.items():
             pts = sorted((r["frames"], r["test"][target]) for r in records
@@ -320,9 +327,14 @@ def plot(records: list[dict], target: str, path: Path) -> None:
                             label=f"{fam} base (before fine-tuning)")
     titles = [f"{target} test: force MAE (meV/Å)", f"{target} test: energy MAE (meV/atom)",
               "pretraining molecules' test: mean force MAE (meV/Å)"]
+    sizes = sorted({r["frames"] for r in records if r["experiment"] == "rmd17" and r["kind"] == "scratch"})
     for ax, title in zip(axes, titles, strict=True):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.set_xlabel(f"{target} training frames")
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
@@ -400,11 +412,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=str(CACHE_DIR / "finetune"))
     p.add_argument("--reuse", action="store_true", help="keep finished runs found in --workdir")
     p.add_argument("--out", default=str(report.RESULTS_DIR))
+    p.add_argument("--report", metavar="JSON", help="only re-render finetune.md/.png from a saved finetune.json")
     return p
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = parser().parse_args(argv)
+    if args.report:
+        return write(json.loads(Path(args.report).read_text()), Path(args.out))
     if args.target in args.pretrain:
         raise SystemExit(f"--target {args.target} is also a pretraining molecule")
     logging.getLogger("lightning").setLevel(logging.WARNING)
@@ -415,7 +430,7 @@ def main(argv: list[str] | None = None) -> Path:
     meta = {"start": start.isoformat(timespec="seconds"), "machine_start": report.machine_info(),
             "command": "python -m benchmarks.finetune_curves "
                        + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
-            "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "out", "reuse")}}
+            "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "out", "reuse", "report")}}
     exp = Experiment(args)
     out = Path(args.out)
     for family in args.families:
