@@ -282,10 +282,11 @@ def emt_table(records: list[dict]) -> str:
 
 
 def not_better(records: list[dict], target: str) -> list[str]:
-    """Every size (and set) where the fine-tuned model is not ahead of scratch, with the margin."""
+    """Every size (and set) where a fine-tuned model (with or without replay) is not ahead of scratch, with the
+    margin."""
     out = []
     for r in records:
-        if r["kind"] != "finetune":
+        if r["kind"] not in ("finetune", "finetune+replay"):
             continue
         s = _get(records, family=r["family"], experiment=r["experiment"], kind="scratch", frames=r["frames"])
         if s is None:
@@ -294,7 +295,7 @@ def not_better(records: list[dict], target: str) -> list[str]:
         for metric, unit in (("force_mae", "meV/Å"), ("energy_mae", "meV/atom")):
             ft, sc = r["test"][key][metric], s["test"][key][metric]
             if ft >= sc:
-                out.append(f"{r['family']} {r['experiment']} {r['frames']} frames, {metric}: fine-tuned {ft:.2f} "
+                out.append(f"{r['family']} {r['experiment']} {r['frames']} frames, {metric}: {r['kind']} {ft:.2f} "
                            f"{unit} against scratch {sc:.2f} ({100 * (ft / sc - 1):+.0f} %)")
     return out
 
@@ -361,7 +362,8 @@ def write(data: dict, out: Path) -> Path:
         "settings": {k: str(v) for k, v in s.items()},
     }
     fails = not_better(records, target)
-    verdict = ("Fine-tuning is ahead of scratch on both force and energy error at every size measured."
+    verdict = ("Fine-tuning, with and without replay, is ahead of scratch on both force and energy error at every "
+               "size measured."
                if not fails else "Where fine-tuning is **not** ahead of scratch:\n\n"
                + "\n".join(f"- {f}" for f in fails))
     sections = [

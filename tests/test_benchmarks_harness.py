@@ -275,7 +275,7 @@ def test_finetune_report_tabulates_curves_and_names_where_fine_tuning_loses(tmp_
                _curve_record("scratch", 25, 50.0, 5.0, experiment="emt"),
                _curve_record("finetune", 25, 20.0, 2.0, old_f=9.0, experiment="emt")]
     assert finetune_curves.not_better(records, "paracetamol") == [
-        "egnn rmd17 200 frames, force_mae: fine-tuned 33.00 meV/Å against scratch 30.00 (+10 %)"]
+        "egnn rmd17 200 frames, force_mae: finetune 33.00 meV/Å against scratch 30.00 (+10 %)"]
     args = finetune_curves.parser().parse_args(["--pretrain", "ethanol"])
     meta = {"start": "2026-01-02T03:04:05", "machine_start": report.machine_info(), "command": "x",
             "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "out", "reuse")}}
