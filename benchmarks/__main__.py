@@ -1,4 +1,7 @@
-"""Command line: ``python -m benchmarks run [--quick] [--only infer,train,accuracy,neighbors]``.
+"""Command line: ``python -m benchmarks run [--quick] [--only infer,train,accuracy,neighbors,finetune]``.
+
+``finetune`` (fine-tuning learning curves, :mod:`benchmarks.finetune_curves`, about 30 minutes) runs only when
+``--only`` names it; ``python -m benchmarks.finetune_curves`` has its own options (families, sizes, budget).
 
 ``python -m benchmarks setup`` only builds the peer venvs (benchmarks/.venvs, cached between runs).
 Each part's report goes to a fixed name, ``benchmarks/results/<part>.md`` (+ ``<part>.json`` with every raw
@@ -18,6 +21,7 @@ from pathlib import Path
 from benchmarks import datasets, neighbors_bench, peers, report, structures, suite
 
 PARTS = ("infer", "train", "accuracy", "neighbors")
+EXTRA_PARTS = ("finetune",)  # only when --only names them
 
 
 def log(msg: str) -> None:
@@ -122,9 +126,18 @@ def _versions(records: dict) -> dict:
 
 def run(args: argparse.Namespace) -> list[Path]:
     only = tuple(args.only.split(",")) if args.only else PARTS
-    bad = [p for p in only if p not in PARTS]
+    bad = [p for p in only if p not in PARTS + EXTRA_PARTS]
     if bad:
-        raise SystemExit(f"--only: unknown part(s) {bad}; choose from {','.join(PARTS)}")
+        raise SystemExit(f"--only: unknown part(s) {bad}; choose from {','.join(PARTS + EXTRA_PARTS)}")
+    written = []
+    if "finetune" in only:
+        from benchmarks import finetune_curves
+
+        log("finetune")
+        written.append(finetune_curves.main(["--threads", str(args.threads), "--out", str(args.out)]))
+        only = tuple(p for p in only if p != "finetune")
+        if not only:
+            return written
     settings = suite.Settings.make(
         args.quick, threads=args.threads, budget_s=args.budget,
         dtypes=tuple(args.dtypes.split(",")) if args.dtypes else None,
@@ -217,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="measure and write the report")
     r.add_argument("--quick", action="store_true", help="one model per framework, float32, Si64 and Cu500, 60 s")
-    r.add_argument("--only", help=f"comma-separated subset of {','.join(PARTS)}")
+    r.add_argument("--only", help=f"comma-separated subset of {','.join(PARTS + EXTRA_PARTS)} (default: "
+                                  f"{','.join(PARTS)})")
     r.add_argument("--frameworks", help="comma-separated subset of ours,mace,fairchem,nequip")
     r.add_argument("--models", help=f"comma-separated labels from {','.join(suite.all_models())}")
     r.add_argument("--accuracy-models", help="the subset of --models trained for the accuracy part (default: all)")

@@ -255,3 +255,33 @@ def test_worker_env_gives_every_framework_the_same_allocator_settings(monkeypatc
     assert "GLIBC_TUNABLES" not in system
     with pytest.raises(ValueError, match="malloc"):
         peers.worker_env(2, malloc="jemalloc")
+
+
+def _curve_record(kind: str, frames: int, target_f: float, target_e: float, old_f: float | None = None,
+                  experiment: str = "rmd17") -> dict:
+    test = {"paracetamol" if experiment == "rmd17" else "CuNi": {"force_mae": target_f, "energy_mae": target_e}}
+    if old_f is not None:
+        test["ethanol" if experiment == "rmd17" else "CuAgAu"] = {"force_mae": old_f, "energy_mae": 1.0}
+    return {"family": "egnn", "experiment": experiment, "kind": kind, "frames": frames, "steps": 600,
+            "wall_s": 10.0, "test": test}
+
+
+def test_finetune_report_tabulates_curves_and_names_where_fine_tuning_loses(tmp_path):
+    from benchmarks import finetune_curves
+
+    records = [_curve_record("base", 400, 90.0, 5.0, old_f=20.0),
+               _curve_record("scratch", 25, 80.0, 4.0), _curve_record("finetune", 25, 40.0, 2.0, old_f=30.0),
+               _curve_record("finetune+replay", 25, 45.0, 2.5, old_f=22.0),
+               _curve_record("scratch", 200, 30.0, 1.0), _curve_record("finetune", 200, 33.0, 0.9, old_f=35.0),
+               _curve_record("scratch", 25, 50.0, 5.0, experiment="emt"),
+               _curve_record("finetune", 25, 20.0, 2.0, old_f=9.0, experiment="emt")]
+    assert finetune_curves.not_better(records, "paracetamol") == [
+        "egnn rmd17 200 frames, force_mae: finetune 33.00 meV/Å against scratch 30.00 (+10 %)"]
+    args = finetune_curves.parser().parse_args(["--pretrain", "ethanol"])
+    meta = {"start": "2026-01-02T03:04:05", "machine_start": report.machine_info(), "command": "x",
+            "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "out", "reuse")}}
+    md = finetune_curves.write({"meta": meta, "records": records}, tmp_path).read_text()
+    assert "| egnn | 25 | 600 | 80 | 40 | 45 | 4 | 2 | 2.5 | 2 |" in md  # scratch / fine-tuned force MAE: 2
+    assert "+10 %" in md and (tmp_path / "finetune.png").stat().st_size > 0
+    assert "| egnn | finetune | 25 | 30.0 / 1.0 | 40.0 / 2.0 |" in md  # forgetting: ethanol, then the target
+    assert "| egnn | finetune | 25 | 600 | 20 | 2 | 9 | 1 |" in md  # the periodic set and its base's set

@@ -3,6 +3,7 @@ store in the mix, bad input, and a kill-and-rerun that ends where an uninterrupt
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -26,6 +27,7 @@ from potentials.datasets.mix import ConcatSplit, MixDataModule, WeightedGlobalBa
 from potentials.datasets.preprocess import convert
 from potentials.datasets.stats import compute_stats
 from potentials.errors import PotentialsInputError
+from potentials.export import load
 from potentials.training.checkpointing import checkpoint_step
 from potentials.training.run import build, run
 from tests.train_config import train_config
@@ -192,10 +194,10 @@ RESUME_STEPS = 16
 DIE = "trainer.plugins=[{_target_:tests.fault_injection.FaultyCheckpointIO,die_at:2,stage:written}]"
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_killed_mix_run_resumes_with_the_same_batches_and_weights(tmp_path, data_root, dtype, caplog):
+def _kill_and_rerun(tmp_path: Path, data_root: Path, settings: list[str], caplog) -> None:
+    """Runs ``settings`` uninterrupted, then as ``train.py`` killed at step 6 (last.ckpt of step 4) and rerun: the
+    two end with the same weights bit for bit and logged the same losses at the same steps."""
     reference = tmp_path / "uninterrupted"
-    settings = [*RESUME, f"dtype={dtype}"]
     run(train_config(reference, data_root, *settings))
     run_dir = tmp_path / "killed"
     command = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", f"data_root={data_root}",
@@ -219,3 +221,31 @@ def test_killed_mix_run_resumes_with_the_same_batches_and_weights(tmp_path, data
     expected = pd.read_csv(reference / "csv" / "metrics.csv").dropna(subset=["train/loss_step"])
     assert list(rows["step"]) == list(expected["step"]) == list(range(RESUME_STEPS))
     assert rows["train/loss_step"].tolist() == expected["train/loss_step"].tolist()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_killed_mix_run_resumes_with_the_same_batches_and_weights(tmp_path, data_root, dtype, caplog):
+    _kill_and_rerun(tmp_path, data_root, [*RESUME, f"dtype={dtype}"], caplog)
+
+
+@pytest.fixture(scope="module")
+def cu_ag_base(tmp_path_factory) -> Path:
+    """A tiny EGNN trained one epoch on EMT Cu and Ag, float32: the base of the fine-tuning runs below."""
+    root = tmp_path_factory.mktemp("base")
+    run(train_config(root / "run", root / "data", *TINY, "dtype=float32", "export=true", "data.source.n_structures=10",
+                     "+data.source.elements=[Cu,Ag]", "trainer.max_epochs=1", "test=false"))
+    return root / "run" / "model.pt"
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_killed_finetuning_mix_run_resumes_with_the_same_steps(tmp_path, data_root, cu_ag_base, dtype, caplog):
+    """Fine-tuning with replay (``init_from`` + ``data=mix``; Au is new to the base), killed mid-epoch and rerun
+    with the same command: the checkpoint wins over ``init_from`` and the run ends bit for bit where the
+    uninterrupted run ends, in float32 as in float64."""
+    settings = [*RESUME, f"dtype={dtype}", f"init_from={cu_ag_base}", "data.monitor_dataset=small", "export=true"]
+    _kill_and_rerun(tmp_path, data_root, settings, caplog)
+    sha = hashlib.sha256(cu_ag_base.read_bytes()).hexdigest()
+    for name in ("uninterrupted", "killed"):  # both fine-tuned the base, which did not know Au
+        meta = load(tmp_path / name / "model.pt").metadata
+        assert meta["lineage"]["base"]["sha256"] == sha
+        assert 79 in meta["elements"]
