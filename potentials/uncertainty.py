@@ -158,13 +158,13 @@ class EnsemblePotential(nn.Module):
             for member in self.members:
                 yield member(data, **options)
             return
-        potential, model = self.members[0], self.members[0].model
-        try:
-            for k in range(model.heads):
-                model.active_head = k
-                yield potential(data, **options)
-        finally:
-            model.active_head = None
+        # one model pass and one batched backward pass for every head's forces and stress (Potential.forward)
+        out = self.members[0](data, head_forces=True, **options)
+        per_head = {keys.ENERGY: out[keys.ENERGY_HEADS].T, keys.NODE_ENERGY: out[keys.NODE_ENERGY_HEADS].T,
+                    keys.FORCES: out.get(keys.FORCES_HEADS), keys.STRESS: out.get(keys.STRESS_HEADS),
+                    keys.VIRIAL: out.get(keys.VIRIAL_HEADS)}
+        for k in range(self.size):
+            yield {key: value[k] for key, value in per_head.items() if value is not None}
 
     def forward(self, data, compute_forces: bool = True, compute_stress: bool = True,
                 create_graph: bool | None = None) -> dict[str, torch.Tensor]:

@@ -9,7 +9,8 @@ The members are then put into one ``model.pt`` with the spread's calibration, fi
 A shallow ensemble is one run: the model's readout gets ``ensemble.size`` heads
 (:class:`~potentials.uncertainty.ShallowEnsemble`); the usual loss applies to the heads' mean, and
 ``ensemble.nll_weight`` weighs a Gaussian negative log-likelihood of the energy per atom under the heads' mean and
-variance (:class:`EnsembleLoss`), which makes their spread a standard deviation.
+variance, ``ensemble.forces_nll_weight`` one of every force component under the mean and variance of the heads'
+forces (:class:`EnsembleLoss`); they make the spreads standard deviations.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ from potentials.uncertainty import KINDS, EnsemblePotential, ShallowEnsemble, fi
 
 log = logging.getLogger("potentials")
 NLL = "energy_nll"
+FORCES_NLL = "forces_nll"
 #: added to the heads' variance of the energy per atom, (eV/atom)²: keeps the NLL finite when the heads agree
 VARIANCE_FLOOR = 1e-8
+#: added to the heads' variance of a force component, (eV/Å)²
+FORCES_VARIANCE_FLOOR = 1e-6
 
 
 def options(cfg: DictConfig) -> tuple[str, int]:
@@ -65,41 +69,75 @@ def wrap_loss(loss: PotentialLoss, cfg: DictConfig) -> PotentialLoss:
     """The loss with the heads' NLL term for a shallow ensemble; otherwise the loss itself."""
     if not is_shallow(cfg):
         return loss
-    return EnsembleLoss(loss, float((cfg.get("ensemble") or {}).get("nll_weight", 1.0)))
+    e = cfg.get("ensemble") or {}
+    return EnsembleLoss(loss, float(e.get("nll_weight", 1.0)), float(e.get("forces_nll_weight", 1.0)))
+
+
+def gaussian_nll(target: torch.Tensor, heads: torch.Tensor, floor: float) -> torch.Tensor:
+    """½·(log σ² + (y − μ)²/σ²) elementwise, μ and σ² the mean and (population) variance of ``heads`` over its
+    last dimension plus ``floor``; the constant ½·log 2π left out."""
+    mean, var = heads.mean(-1), heads.var(-1, unbiased=False) + floor
+    return 0.5 * (var.log() + (target - mean) ** 2 / var)
 
 
 class EnsembleLoss(PotentialLoss):
-    """``loss`` on the heads' mean plus ``nll_weight`` × the mean over structures of
-    ½·(log σ² + (e − μ)²/σ²), with e the labelled energy per atom and μ, σ² the mean and variance of the heads'
-    energies per atom."""
+    """``loss`` on the heads' mean, plus ``nll_weight`` × the mean over structures of ½·(log σ² + (e − μ)²/σ²), with
+    e the labelled energy per atom and μ, σ² the mean and variance of the heads' energies per atom, plus
+    ``forces_nll_weight`` × the same mean over force components (F_iα against the mean and variance of the heads'
+    F_iα^k, the heads' forces: the model is then asked for them, ``needs_head_forces``)."""
 
-    def __init__(self, loss: PotentialLoss, nll_weight: float = 1.0) -> None:
+    def __init__(self, loss: PotentialLoss, nll_weight: float = 1.0, forces_nll_weight: float = 1.0) -> None:
         self.__dict__.update(vars(loss))
         self.nll_weight = float(nll_weight)
+        self.forces_nll_weight = float(forces_nll_weight)
+
+    @property
+    def needs_head_forces(self) -> bool:
+        """The force NLL needs every head's forces (``Potential.forward(head_forces=True)``)."""
+        return self.forces_nll_weight > 0
+
+    def _nll_weights(self) -> dict[str, float]:
+        return {NLL: self.nll_weight, FORCES_NLL: self.forces_nll_weight}
 
     def terms(self, out: dict[str, torch.Tensor], batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         parts = super().terms(out, batch)
         heads = out.get(keys.ENERGY_HEADS)
-        if heads is None or self.nll_weight <= 0:
+        if heads is None:
             return parts
-        n = batch.num_atoms.to(heads.dtype)
-        per_atom = heads / n.unsqueeze(-1)
-        mean, var = per_atom.mean(-1), per_atom.var(-1, unbiased=False) + VARIANCE_FLOOR
-        mask = batch.has_energy
-        nll = 0.5 * (var[mask].log() + (batch.energy[mask].to(heads.dtype) / n[mask] - mean[mask]) ** 2 / var[mask])
-        parts[NLL] = (nll.sum(), torch.tensor(float(nll.numel()), dtype=heads.dtype, device=heads.device))
+        if self.nll_weight > 0:
+            n = batch.num_atoms.to(heads.dtype)
+            mask = batch.has_energy
+            nll = gaussian_nll(batch.energy[mask].to(heads.dtype) / n[mask], heads[mask] / n[mask].unsqueeze(-1),
+                               VARIANCE_FLOOR)
+            parts[NLL] = (nll.sum(), torch.tensor(float(nll.numel()), dtype=heads.dtype, device=heads.device))
+        if self.forces_nll_weight > 0:
+            forces = out.get(keys.FORCES_HEADS)  # [K, N, 3]
+            if forces is None:
+                parts[FORCES_NLL] = (heads.sum() * 0.0, torch.zeros((), dtype=heads.dtype, device=heads.device))
+            else:
+                atom_mask = batch.has_forces[batch.batch]
+                if self.free_atoms_only:
+                    atom_mask = atom_mask & ~batch.fixed
+                nll = gaussian_nll(batch.forces[atom_mask].to(forces.dtype), forces[:, atom_mask].movedim(0, -1),
+                                   FORCES_VARIANCE_FLOOR)
+                parts[FORCES_NLL] = (nll.sum() if nll.numel() else forces.sum() * 0.0,
+                                     torch.tensor(float(nll.numel()), dtype=forces.dtype, device=forces.device))
         return parts
 
     def combine(self, terms: dict[str, tuple[torch.Tensor, torch.Tensor]],
                 counts: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        rest = {k: v for k, v in terms.items() if k != NLL}
-        result = super().combine(rest, None if counts is None else {k: v for k, v in counts.items() if k != NLL})
-        if NLL in terms:
-            total, count = terms[NLL]
-            denominator = count if counts is None else counts[NLL]
+        weights = self._nll_weights()
+        rest = {k: v for k, v in terms.items() if k not in weights}
+        result = super().combine(rest, None if counts is None else {k: v for k, v in counts.items()
+                                                                     if k not in weights})
+        for name, weight in weights.items():
+            if name not in terms:
+                continue
+            total, count = terms[name]
+            denominator = count if counts is None else counts[name]
             part = total / denominator.clamp(min=1e-12) if bool(denominator > 0) else total * 0.0
-            result[NLL] = part
-            result["total"] = result["total"] + self.nll_weight * part
+            result[name] = part
+            result["total"] = result["total"] + weight * part
         return result
 
 
