@@ -289,6 +289,24 @@ def test_committee_trains_member_by_member_and_resumes(tmp_path):
     assert (run_dir / "members" / "1" / "model.pt").is_file() and (run_dir / "model.pt").is_file()
 
 
+def test_committee_members_in_parallel_processes_match_one_after_another(tmp_path):
+    cfg = _config(tmp_path / "par", "ensemble.size=2", "ensemble.parallel=true", "trainer.max_time=00:00:10:00")
+    assert member_config(cfg, 1, {"seed": 0}, tmp_path / "m1").trainer.max_time == "00:00:10:00"  # all of it
+    parallel = run(cfg)
+    serial = run(_config(tmp_path / "seq", "ensemble.size=2"))
+    for a, b in zip(parallel["members"], serial["members"], strict=True):
+        assert "/par/" in a and "/seq/" in b
+        state_a, state_b = export.load(a).state_dict(), export.load(b).state_dict()
+        assert state_a.keys() == state_b.keys()
+        for name in state_a:  # the same seeds, data and batch order: the same weights
+            torch.testing.assert_close(state_a[name], state_b[name], rtol=1e-4, atol=1e-6)
+    first, second = (export.load(m).state_dict() for m in parallel["members"])
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # and the members differ
+    assert parallel["test"]["test/force_mae"] == pytest.approx(serial["test"]["test/force_mae"], rel=1e-3)
+    with pytest.raises(PotentialsInputError, match="ensemble.parallel"):
+        run(_config(tmp_path / "ddp", "ensemble.size=2", "ensemble.parallel=true", "trainer.devices=2"))
+
+
 def test_shallow_ensemble_trains_exports_and_reports(tmp_path):
     summary = run(_config(tmp_path, "ensemble.kind=shallow", "ensemble.size=3"))
     assert summary["ensemble"]["kind"] == "shallow" and summary["ensemble"]["calibration"]["forces"] > 0

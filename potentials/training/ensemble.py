@@ -1,9 +1,11 @@
 """Training with uncertainty: committees (``ensemble.kind=committee``) and shallow ensembles (``kind=shallow``).
 
-A committee of ``ensemble.size`` members is trained one member after another, each a complete run in
-``<run dir>/members/<i>/`` (resumable like any run): member i uses seed ``seed + i`` for its initial weights and
-batch order, and the data and split of ``seed``.  ``trainer.max_time`` is the budget of the whole committee, an
-equal share per member.  A rerun skips the members that have a ``model.pt`` and resumes the one that was cut off.
+A committee of ``ensemble.size`` members is trained one member after another (or, with ``ensemble.parallel``, as
+that many processes at once), each a complete run in ``<run dir>/members/<i>/`` (resumable like any run): member i
+uses seed ``seed + i`` for its initial weights and batch order, and the data and split of ``seed``.
+``trainer.max_time`` is the wall-clock budget of the whole committee: an equal share per member one after another,
+all of it for each when they run at once.  A rerun skips the members that have a ``model.pt`` and resumes those that
+were cut off.
 The members are then put into one ``model.pt`` with the spread's calibration, fitted on the validation split.
 
 A shallow ensemble is one run: the model's readout gets ``ensemble.size`` heads
@@ -203,12 +205,16 @@ def _max_time_share(value: Any, n: int) -> str | None:
     return f"{share // 86400:02d}:{share % 86400 // 3600:02d}:{share % 3600 // 60:02d}:{share % 60:02d}"
 
 
+def is_parallel(cfg: DictConfig) -> bool:
+    return bool((cfg.get("ensemble") or {}).get("parallel", False))
+
+
 def member_config(cfg: DictConfig, index: int, data: dict[str, Any], run_dir: Path) -> DictConfig:
     """The config of committee member ``index``: its own run directory, seed ``seed + index`` for weights and
-    batch order, the data and split of ``seed`` (``data`` resolved), a share of ``trainer.max_time``; the test
-    split and figures are left to the committee."""
+    batch order, the data and split of ``seed`` (``data`` resolved), a share of ``trainer.max_time`` (all of it
+    with ``ensemble.parallel``); the test split and figures are left to the committee."""
     member = cfg.copy()
-    n = options(cfg)[1]
+    n = 1 if is_parallel(cfg) else options(cfg)[1]
     with open_dict(member):
         member.run_dir = str(run_dir)
         member.seed = int(cfg.seed) + index
@@ -216,11 +222,44 @@ def member_config(cfg: DictConfig, index: int, data: dict[str, Any], run_dir: Pa
         if "seed" in member.data:  # the training shuffle
             member.data.seed = int(cfg.seed) + index
         member.ensemble.size = 1
+        member.ensemble.parallel = False
         member.test = False
         member.figures = False
         member.export = True
         member.trainer.max_time = _max_time_share(OmegaConf.to_container(cfg.trainer).get("max_time"), n)
     return member
+
+
+def _train_member(member: dict[str, Any], overrides: list[str], threads: int) -> str:
+    """One committee member in a worker process (``ensemble.parallel``); the path of its ``model.pt``."""
+    from potentials.training.run import run
+
+    torch.set_num_threads(threads)
+    return str(run(OmegaConf.create(member), overrides=overrides)["model"])
+
+
+def _train_in_processes(cfg: DictConfig, todo: dict[int, DictConfig]) -> dict[int, Path]:
+    """Train the members ``todo`` (index → config) as that many processes at once, each with an equal share of
+    this process's torch threads."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from potentials.training.finetune import explicit_overrides
+
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if (isinstance(devices, int) and devices > 1) or int(nodes or 1) > 1 or isinstance(devices, (list, tuple)):
+        raise PotentialsInputError(f"ensemble.parallel trains committee members as separate processes on one "
+                                   f"device each; it cannot be combined with trainer.devices={devices}, "
+                                   f"trainer.num_nodes={nodes} (set ensemble.parallel=false)")
+    threads = max(torch.get_num_threads() // len(todo), 1)
+    overrides = explicit_overrides()
+    log.info("committee: training members %s as %d processes, %d torch thread(s) each",
+             ", ".join(str(i + 1) for i in todo), len(todo), threads)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch or Lightning state
+    with ProcessPoolExecutor(max_workers=len(todo), mp_context=context) as pool:
+        futures = {i: pool.submit(_train_member, OmegaConf.to_container(member), overrides, threads)
+                   for i, member in todo.items()}
+        return {i: Path(future.result()) for i, future in futures.items()}
 
 
 def run_committee(cfg: DictConfig, run_one) -> dict[str, Any]:
@@ -239,7 +278,8 @@ def run_committee(cfg: DictConfig, run_one) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    files = []
+    files: list[Path | None] = []
+    todo: dict[int, DictConfig] = {}
     for i in range(n):
         member_dir = run_dir / "members" / str(i)
         done = member_dir / "model.pt"
@@ -247,11 +287,19 @@ def run_committee(cfg: DictConfig, run_one) -> dict[str, Any]:
             log.info("committee member %d/%d: already trained (%s)", i + 1, n, done)
             files.append(done)
             continue
-        log.info("committee member %d/%d: %s", i + 1, n, member_dir)
-        summary = run_one(member_config(cfg, i, data, member_dir))
+        files.append(None)
+        todo[i] = member_config(cfg, i, data, member_dir)
+    if todo and is_parallel(cfg):
+        for i, path in _train_in_processes(cfg, todo).items():
+            files[i] = path
+    for i, member in todo.items():
+        if files[i] is not None:
+            continue
+        log.info("committee member %d/%d: %s", i + 1, n, member.run_dir)
+        summary = run_one(member)
         if not summary.get("_global_zero", True):
             return summary  # under DDP, rank 0 writes the committee
-        files.append(Path(summary["model"]))
+        files[i] = Path(summary["model"])
 
     members = [load(f, dtype=cfg.dtype) for f in files]
     ensemble = EnsemblePotential(members, kind="committee")
