@@ -3,8 +3,9 @@
 Two kinds of ensemble give a spread next to each prediction (docs/uncertainty.md):
 
 * a **committee**: N potentials trained from different seeds (initial weights, batch order) on the same split;
-* a **shallow ensemble**: one backbone with N readout heads (:class:`ShallowEnsemble`), trained with a Gaussian
-  negative log-likelihood of the heads' energies, so that their spread is meant as a standard deviation.
+* a **shallow ensemble**: one backbone with N readout heads (:class:`ShallowEnsemble`), trained with Gaussian
+  negative log-likelihoods of the heads' energies and forces, so that their spread is meant as a standard deviation;
+  every head's forces come from one backbone pass and one batched backward pass (``Potential(head_forces=True)``).
 
 :class:`EnsemblePotential` evaluates the members (or heads) and returns their mean as ``energy``, ``forces`` and
 ``stress`` with the spread: ``energy_std`` [B] eV, ``forces_std`` [N] eV/Å (per atom, √(mean over members of
