@@ -27,6 +27,7 @@ from potentials.training.ensemble import (
     gaussian_nll,
     member_config,
 )
+from potentials.training.finetune import committee_size, load_base
 from potentials.training.loss import PotentialLoss
 from potentials.training.run import register_resolvers, run
 from potentials.uncertainty import EnsemblePotential, ShallowEnsemble, fit_scale
@@ -287,6 +288,26 @@ def test_committee_trains_member_by_member_and_resumes(tmp_path):
     run(cfg)
     assert (run_dir / "members" / "0" / "model.pt").stat().st_mtime_ns == first
     assert (run_dir / "members" / "1" / "model.pt").is_file() and (run_dir / "model.pt").is_file()
+
+
+def test_init_from_a_committee_gives_each_member_its_own_weights(committee, tmp_path):
+    path, members = committee
+    for i, member in enumerate(members):
+        base = load_base(f"{path}#{i}")
+        assert base.path == path
+        for name, value in member.model.state_dict().items():
+            torch.testing.assert_close(base.state[name], value.double())
+    assert load_base(path).state["readout.0.weight"].equal(load_base(f"{path}#0").state["readout.0.weight"])
+    with pytest.raises(PotentialsInputError, match="has 2 members"):
+        load_base(f"{path}#2")
+    cfg = _config(tmp_path / "run", "ensemble.size=3", f"init_from={path}")
+    assert committee_size(path) == 2
+    assert [member_config(cfg, i, {"seed": 0}, tmp_path / str(i), committee_size(path)).init_from
+            for i in range(3)] == [f"{path}#0", f"{path}#1", f"{path}#0"]
+    single = export.save(members[0], tmp_path / "single.pt", MODEL_CONFIG)
+    assert committee_size(single) is None
+    with pytest.raises(PotentialsInputError, match="single model"):
+        load_base(f"{single}#1")
 
 
 def test_committee_members_in_parallel_processes_match_one_after_another(tmp_path):

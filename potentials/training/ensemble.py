@@ -29,6 +29,7 @@ from potentials import keys
 from potentials.errors import PotentialsInputError
 from potentials.models.base import EnergyModel
 from potentials.potential import Potential
+from potentials.training.finetune import committee_size
 from potentials.training.loss import PotentialLoss
 from potentials.uncertainty import KINDS, EnsemblePotential, ShallowEnsemble, fit_scale, uncertainty_errors
 
@@ -209,10 +210,12 @@ def is_parallel(cfg: DictConfig) -> bool:
     return bool((cfg.get("ensemble") or {}).get("parallel", False))
 
 
-def member_config(cfg: DictConfig, index: int, data: dict[str, Any], run_dir: Path) -> DictConfig:
+def member_config(cfg: DictConfig, index: int, data: dict[str, Any], run_dir: Path,
+                  base_members: int | None = None) -> DictConfig:
     """The config of committee member ``index``: its own run directory, seed ``seed + index`` for weights and
     batch order, the data and split of ``seed`` (``data`` resolved), a share of ``trainer.max_time`` (all of it
-    with ``ensemble.parallel``); the test split and figures are left to the committee."""
+    with ``ensemble.parallel``); the test split and figures are left to the committee.  Fine-tuned from a committee
+    of ``base_members`` (``init_from``), member i starts from the base's member i mod ``base_members``."""
     member = cfg.copy()
     n = 1 if is_parallel(cfg) else options(cfg)[1]
     with open_dict(member):
@@ -223,6 +226,8 @@ def member_config(cfg: DictConfig, index: int, data: dict[str, Any], run_dir: Pa
             member.data.seed = int(cfg.seed) + index
         member.ensemble.size = 1
         member.ensemble.parallel = False
+        if base_members:
+            member.init_from = f"{cfg.init_from}#{index % base_members}"
         member.test = False
         member.figures = False
         member.export = True
@@ -278,6 +283,7 @@ def run_committee(cfg: DictConfig, run_one) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = OmegaConf.to_container(cfg.data, resolve=True)
+    base_members = committee_size(cfg.init_from) if cfg.get("init_from") else None
     files: list[Path | None] = []
     todo: dict[int, DictConfig] = {}
     for i in range(n):
@@ -288,7 +294,7 @@ def run_committee(cfg: DictConfig, run_one) -> dict[str, Any]:
             files.append(done)
             continue
         files.append(None)
-        todo[i] = member_config(cfg, i, data, member_dir)
+        todo[i] = member_config(cfg, i, data, member_dir, base_members)
     if todo and is_parallel(cfg):
         for i, path in _train_in_processes(cfg, todo).items():
             files[i] = path
