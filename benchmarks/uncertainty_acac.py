@@ -42,7 +42,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 COMMON = ["logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
           "trainer.max_time=null", "figures=false", "demo_relax=false", "checkpoint.every_n_minutes=null",
           "cutoff=5.0", "data=ase", "data.batch_size=8", "data.split.test=0", "test=false"]
-KINDS = ("committee", "shallow", "shallow-energy")
+KINDS = ("committee", "shallow", "shallow-energy", "shallow-beta")
 MODELS = {"egnn": ["model=egnn", "model.channels=32", "model.num_layers=2"],
           "facet": ["model=facet", "model.channels=16", "model.num_layers=2"]}
 
@@ -192,6 +192,8 @@ def part_uncertainty(tmp: Path, args, train, val, tests) -> tuple[list[dict], di
                      f"trainer.max_epochs={args.epochs}", f"seed={args.seed}"]
             if kind == "shallow-energy":  # the heads' NLL on energies only
                 extra.append("ensemble.forces_nll_weight=0")
+            if kind == "shallow-beta":  # β-NLL, β = 1
+                extra.append("ensemble.nll_beta=1")
             summary, seconds = _train(tmp / name, data, *MODELS[family], *extra)
             models[name] = Path(summary["model"])
             row = {"model": family, "kind": kind, "size": args.size, "train_seconds": round(seconds, 1),
@@ -336,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["egnn"], choices=sorted(MODELS))
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS,
-                   help="shallow: NLL on energies and forces; shallow-energy: on energies only")
+                   help="shallow: NLL on energies and forces; shallow-energy: on energies only; shallow-beta: "
+                        "β-NLL (β = 1) on energies and forces")
     p.add_argument("--size", type=int, default=4, help="committee members / shallow heads")
     p.add_argument("--train-frames", type=int, default=200)
     p.add_argument("--val-frames", type=int, default=50)

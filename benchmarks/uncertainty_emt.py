@@ -27,7 +27,7 @@ import torch
 from tests.train_config import train_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
-KINDS = ("committee", "shallow", "shallow-energy")
+KINDS = ("committee", "shallow", "shallow-energy", "shallow-beta")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=4)
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--name", default="uncertainty-emt", help="report file names: <out-dir>/<name>.{md,json}")
     args = p.parse_args(argv)
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds:
-            extra = ["ensemble.forces_nll_weight=0"] if kind == "shallow-energy" else []
+            extra = {"shallow-energy": ["ensemble.forces_nll_weight=0"],
+                     "shallow-beta": ["ensemble.nll_beta=1"]}.get(kind, [])
             cfg = train_config(Path(tmp) / kind, Path(tmp) / "data", "logger=csv", "trainer.enable_progress_bar=false",
                                "trainer.enable_model_summary=false", "trainer.max_time=null", "figures=false",
                                "demo_relax=false", "checkpoint.every_n_minutes=null", "data=emt",
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
               "command": " ".join(["python -m benchmarks.uncertainty_emt", *(sys.argv[1:] if argv is None else argv)]),
               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "uncertainty-emt.json").write_text(json.dumps(result, indent=2))
+    (args.out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     cols = " | ".join(f"{r['kind']} ({args.size})" for r in rows)
     lines = ["# Committee against shallow ensembles on EMT Cu", "", f"Date: {result['date']}. Command: "
              f"`{result['command']}`. One torch thread, float32; setup in the script's docstring.", "",
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     lines.append("| calibration scalars (energy, forces) | " + " | ".join(
         f"{r['calibration']['energy']:.2f}, {r['calibration']['forces']:.2f}" for r in rows) + " |")
     lines.append("| training time (s) | " + " | ".join(f"{r['train_seconds']:.0f}" for r in rows) + " |")
-    (args.out_dir / "uncertainty-emt.md").write_text("\n".join(lines) + "\n")
+    (args.out_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -223,6 +223,13 @@ def test_gaussian_nll_is_smallest_where_the_spread_equals_the_error():
     nll = gaussian_nll(torch.full_like(sigmas, residual), heads, floor=0.0)
     assert float(sigmas[int(nll.argmin())]) == pytest.approx(residual, abs=0.011)
     assert float(nll.min()) == pytest.approx(0.5 * (np.log(residual ** 2) + 1.0), abs=1e-3)
+    # β-NLL with β = 1: the mean's gradient is the squared error's, the spread still settles at the residual
+    for spread, sign in ((0.1, -1.0), (0.3, 0.0), (0.6, 1.0)):
+        heads = torch.tensor([[0.2 + spread, 0.2 - spread]], requires_grad=True)
+        gaussian_nll(torch.tensor([0.2 + residual]), heads, floor=0.0, beta=1.0).sum().backward()
+        d_mean, d_spread = heads.grad.sum().item(), (heads.grad[0, 0] - heads.grad[0, 1]).item()
+        assert d_mean == pytest.approx(-residual, rel=1e-5)  # d/dμ ½(y − μ)²
+        assert np.sign(round(d_spread, 6)) == sign  # too small a spread grows, too large shrinks
 
 
 def test_shallow_force_nll_heads_independent_gradient_flows_loss_finite(cu_frames):

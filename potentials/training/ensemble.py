@@ -73,14 +73,21 @@ def wrap_loss(loss: PotentialLoss, cfg: DictConfig) -> PotentialLoss:
     if not is_shallow(cfg):
         return loss
     e = cfg.get("ensemble") or {}
-    return EnsembleLoss(loss, float(e.get("nll_weight", 1.0)), float(e.get("forces_nll_weight", 1.0)))
+    return EnsembleLoss(loss, float(e.get("nll_weight", 1.0)), float(e.get("forces_nll_weight", 1.0)),
+                        float(e.get("nll_beta", 0.0)))
 
 
-def gaussian_nll(target: torch.Tensor, heads: torch.Tensor, floor: float) -> torch.Tensor:
+def gaussian_nll(target: torch.Tensor, heads: torch.Tensor, floor: float, beta: float = 0.0) -> torch.Tensor:
     """½·(log σ² + (y − μ)²/σ²) elementwise, μ and σ² the mean and (population) variance of ``heads`` over its
-    last dimension plus ``floor``; the constant ½·log 2π left out."""
+    last dimension plus ``floor``; the constant ½·log 2π left out.
+
+    ``beta`` > 0 multiplies each element by σ^(2β), held constant in the gradient (β-NLL, Seitzer et al., ICLR
+    2022): with β = 1 the mean's gradient is that of ½(y − μ)², not (y − μ)/σ², so well-fitted points with a small
+    spread no longer dominate the step; the minimum over σ² stays at σ² = (y − μ)².
+    """
     mean, var = heads.mean(-1), heads.var(-1, unbiased=False) + floor
-    return 0.5 * (var.log() + (target - mean) ** 2 / var)
+    nll = 0.5 * (var.log() + (target - mean) ** 2 / var)
+    return nll * var.detach() ** beta if beta else nll
 
 
 class EnsembleLoss(PotentialLoss):
@@ -89,10 +96,12 @@ class EnsembleLoss(PotentialLoss):
     ``forces_nll_weight`` × the same mean over force components (F_iα against the mean and variance of the heads'
     F_iα^k, the heads' forces: the model is then asked for them, ``needs_head_forces``)."""
 
-    def __init__(self, loss: PotentialLoss, nll_weight: float = 1.0, forces_nll_weight: float = 1.0) -> None:
+    def __init__(self, loss: PotentialLoss, nll_weight: float = 1.0, forces_nll_weight: float = 1.0,
+                 nll_beta: float = 0.0) -> None:
         self.__dict__.update(vars(loss))
         self.nll_weight = float(nll_weight)
         self.forces_nll_weight = float(forces_nll_weight)
+        self.nll_beta = float(nll_beta)
 
     @property
     def needs_head_forces(self) -> bool:
@@ -111,7 +120,7 @@ class EnsembleLoss(PotentialLoss):
             n = batch.num_atoms.to(heads.dtype)
             mask = batch.has_energy
             nll = gaussian_nll(batch.energy[mask].to(heads.dtype) / n[mask], heads[mask] / n[mask].unsqueeze(-1),
-                               VARIANCE_FLOOR)
+                               VARIANCE_FLOOR, self.nll_beta)
             parts[NLL] = (nll.sum(), torch.tensor(float(nll.numel()), dtype=heads.dtype, device=heads.device))
         if self.forces_nll_weight > 0:
             forces = out.get(keys.FORCES_HEADS)  # [K, N, 3]
@@ -122,7 +131,7 @@ class EnsembleLoss(PotentialLoss):
                 if self.free_atoms_only:
                     atom_mask = atom_mask & ~batch.fixed
                 nll = gaussian_nll(batch.forces[atom_mask].to(forces.dtype), forces[:, atom_mask].movedim(0, -1),
-                                   FORCES_VARIANCE_FLOOR)
+                                   FORCES_VARIANCE_FLOOR, self.nll_beta)
                 parts[FORCES_NLL] = (nll.sum() if nll.numel() else forces.sum() * 0.0,
                                      torch.tensor(float(nll.numel()), dtype=forces.dtype, device=forces.device))
         return parts
