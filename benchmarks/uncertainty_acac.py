@@ -196,7 +196,8 @@ def part_uncertainty(tmp: Path, args, train, val, tests) -> tuple[list[dict], di
                 extra.append("ensemble.nll_beta=1")
             summary, seconds = _train(tmp / name, data, *MODELS[family], *extra)
             models[name] = Path(summary["model"])
-            row = {"model": family, "kind": kind, "size": args.size, "train_seconds": round(seconds, 1),
+            row = {"model": family, "kind": kind, "size": args.size, "epochs": args.epochs,
+                   "train_seconds": round(seconds, 1),
                    "calibration": summary.get("ensemble", {}).get("calibration")}
             for label, frames in tests.items():
                 row[label] = _levels(_predict(models[name], frames))
@@ -264,8 +265,15 @@ def figure(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(rows), figsize=(4.0 * len(rows), 4), squeeze=False)
-    for ax, row in zip(axes[0], rows, strict=True):
+    families = list(dict.fromkeys(r["model"] for r in rows))
+    ncols = max(sum(r["model"] == f for r in rows) for f in families)
+    fig, axes = plt.subplots(len(families), ncols, figsize=(4.0 * ncols, 4 * len(families)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for row in rows:
+        r = families.index(row["model"])
+        ax = axes[r][[x for x in rows if x["model"] == row["model"]].index(row)]
+        ax.set_visible(True)
         everything = []
         for label, marker in (("test_MD_300K", "o-"), ("test_MD_600K", "s-")):
             level = row[label]["forces_per_structure"]
@@ -286,17 +294,18 @@ def figure(rows: list[dict], path: Path) -> None:
 
 def report(result: dict, path: Path) -> None:
     a = result["args"]
+    commands = result["command"] if isinstance(result["command"], list) else [result["command"]]
     lines = ["# Uncertainty on acac (trained at 300 K, tested at 300 K and 600 K)", "",
              f"Date: {result['date']}. Machine: {result['machine']}, {a['threads']} torch thread(s), float32.",
-             f"Command: `{result['command']}`", "",
+             "Commands: " + "; ".join(f"`{c}`" for c in commands), "",
              f"Training: {a['train_frames']} frames of train_300K (validation: {a['val_frames']} more, the spread's "
-             f"calibration is fitted there), {a['epochs']} epochs, ensemble size {a['size']}, seed {a['seed']}; "
+             f"calibration is fitted there), ensemble size {a['size']}, seed {a['seed']}; "
              "EGNN channels 32, 2 layers; Facet channels 16, lmax 1, 2 layers; cutoff 5 Å. Tests: all 650 frames "
              "of test_MD_300K and test_MD_600K. Per structure: the RMS over its atoms of the predicted force std "
              "and of the force error |ΔF_i|.", "",
              "| model | kind | Spearman per structure 300 K / 600 K | Spearman per atom 300 K / 600 K | mean std "
              "300 K / 600 K (meV/Å) | std ratio 600/300 | force RMSE 300 K / 600 K (meV/Å) | RMSE ratio | "
-             "train s |", "|---|---|---|---|---|---|---|---|---|"]
+             "epochs | train s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["uncertainty"]:
         t3, t6 = row["test_MD_300K"], row["test_MD_600K"]
         lines.append(
@@ -305,10 +314,11 @@ def report(result: dict, path: Path) -> None:
             f"{t6['forces_per_atom']['spearman']:.2f} | {1000 * t3['forces_per_structure']['mean_std']:.0f} / "
             f"{1000 * t6['forces_per_structure']['mean_std']:.0f} | {row['std_ratio_600_300']:.2f} | "
             f"{t3['force_rmse_meV_per_A']:.0f} / {t6['force_rmse_meV_per_A']:.0f} | {row['rmse_ratio_600_300']:.2f} | "
-            f"{row['train_seconds']:.0f} |")
-    lines += ["", "Figure: `uncertainty.png` (binned per-structure predicted std against RMSE, both test sets). "
+            f"{row.get('epochs', a['epochs'])} | {row['train_seconds']:.0f} |")
+    lines += ["", f"Figure: `{a['name']}.png` (binned per-structure predicted std against RMSE, both test sets). "
               "shallow: heads trained with the Gaussian NLL of energies and force components; shallow-energy: of "
-              "energies only.", "", "## Cost", "",
+              "energies only; shallow-beta: β-NLL (β = 1) of both. Training times on two cores shared with other "
+              "work.", "", "## Cost", "",
               f"Median of {a['timing_repeats']} calls; training step: a batch of 8 acac frames, forward, loss, "
               "backward and Adam step; inference: energies, forces and spread of 32 frames.", "",
               "| model | what | ms | × single model |", "|---|---|---|---|"]
@@ -334,6 +344,26 @@ def report(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def merge(files: list[Path], out_dir: Path, name: str) -> None:
+    """One report from several runs' JSON files: the first's settings and selection, everyone's rows."""
+    results = [json.loads(Path(f).read_text()) for f in files]
+    merged = results[0]
+    merged["command"] = [c for r in results for c in (r["command"] if isinstance(r["command"], list)
+                                                        else [r["command"]])]
+    for extra in results[1:]:
+        for row in extra["uncertainty"]:
+            row.setdefault("epochs", extra["args"]["epochs"])
+        merged["uncertainty"] += extra["uncertainty"]
+        seen = {(r["model"], r["what"]) for r in merged["step_cost"]}
+        merged["step_cost"] += [r for r in extra["step_cost"] if (r["model"], r["what"]) not in seen]
+    merged["args"]["name"] = name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(merged, indent=2))
+    figure(merged["uncertainty"], out_dir / f"{name}.png")
+    report(merged, out_dir / f"{name}.md")
+    print(f"wrote {out_dir / name}.{{md,json,png}}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["egnn"], choices=sorted(MODELS))
@@ -354,7 +384,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--name", default="uncertainty", help="report file names: <out-dir>/<name>.{md,json,png}")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="train nothing: merge these result files (rows of the later ones after the first's) into "
+                        "<out-dir>/<name>.{md,json,png}")
     args = p.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out_dir, args.name)
+        return
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("potentials").setLevel(logging.WARNING)

@@ -30,6 +30,34 @@ RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("committee", "shallow", "shallow-energy", "shallow-beta")
 
 
+def render(result: dict) -> str:
+    """The markdown report of ``result`` (the JSON this script writes)."""
+    rows, size = result["rows"], result["args"]["size"]
+    cols = " | ".join(f"{r['kind']} ({size})" for r in rows)
+    commands = result["command"] if isinstance(result["command"], list) else [result["command"]]
+    lines = ["# Committee against shallow ensembles on EMT Cu", "", f"Date: {result['date']}. Command: "
+             + "; ".join(f"`{c}`" for c in commands) + ". One torch thread, float32; setup in the script's "
+             "docstring. shallow: heads trained with the Gaussian NLL of energies and force components; "
+             "shallow-energy: of energies only; shallow-beta: β-NLL (β = 1) of both.", "",
+             f"| | {cols} |", "|---|" + "---|" * len(rows)]
+
+    def line(label, get, fmt="{:.2f}"):
+        cells = " | ".join(f"{fmt.format(get(r['in']))} / {fmt.format(get(r['out']))}" for r in rows)
+        lines.append(f"| {label}, in / out | {cells} |")
+
+    line("force RMSE (meV/Å, per component)", lambda s: s["force_rmse_meV_per_A"], "{:.0f}")
+    line("Spearman, forces per atom", lambda s: s["forces_per_atom"]["spearman"])
+    line("Spearman, forces per structure", lambda s: s["forces_per_structure"]["spearman"])
+    line("Spearman, energy per structure", lambda s: s["energy_per_structure"]["spearman"])
+    line("RMS force std per atom (eV/Å)", lambda s: s["forces_per_atom"]["rms_std"], "{:.3f}")
+    line("force RMSE per atom, norm of ΔF (eV/Å)", lambda s: s["forces_per_atom"]["rmse"], "{:.3f}")
+    lines.append("| calibration scalars (energy, forces) | " + " | ".join(
+        f"{r['calibration']['energy']:.2f}, {r['calibration']['forces']:.2f}" for r in rows) + " |")
+    lines.append("| training time (s), two busy cores | " + " | ".join(f"{r['train_seconds']:.0f}" for r in rows)
+                 + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     from potentials.datasets import emt
     from potentials.evaluate import predict, to_graphs
@@ -43,7 +71,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--name", default="uncertainty-emt", help="report file names: <out-dir>/<name>.{md,json}")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="train nothing: merge these result files' rows into <out-dir>/<name>.{md,json}")
     args = p.parse_args(argv)
+    if args.merge:
+        results = [json.loads(f.read_text()) for f in args.merge]
+        merged = {**results[0], "rows": [r for res in results for r in res["rows"]],
+                  "command": [c for res in results for c in (res["command"] if isinstance(res["command"], list)
+                                                              else [res["command"]])]}
+        (args.out_dir / f"{args.name}.json").write_text(json.dumps(merged, indent=2))
+        (args.out_dir / f"{args.name}.md").write_text(render(merged))
+        return
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("potentials").setLevel(logging.WARNING)
@@ -81,26 +119,9 @@ def main(argv: list[str] | None = None) -> None:
               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    cols = " | ".join(f"{r['kind']} ({args.size})" for r in rows)
-    lines = ["# Committee against shallow ensembles on EMT Cu", "", f"Date: {result['date']}. Command: "
-             f"`{result['command']}`. One torch thread, float32; setup in the script's docstring.", "",
-             f"| | {cols} |", "|---|" + "---|" * len(rows)]
-
-    def line(label, get, fmt="{:.2f}"):
-        cells = " | ".join(f"{fmt.format(get(r['in']))} / {fmt.format(get(r['out']))}" for r in rows)
-        lines.append(f"| {label}, in / out | {cells} |")
-
-    line("force RMSE (meV/Å, per component)", lambda s: s["force_rmse_meV_per_A"], "{:.0f}")
-    line("Spearman, forces per atom", lambda s: s["forces_per_atom"]["spearman"])
-    line("Spearman, forces per structure", lambda s: s["forces_per_structure"]["spearman"])
-    line("Spearman, energy per structure", lambda s: s["energy_per_structure"]["spearman"])
-    line("RMS force std per atom (eV/Å)", lambda s: s["forces_per_atom"]["rms_std"], "{:.3f}")
-    line("force RMSE per atom, norm of ΔF (eV/Å)", lambda s: s["forces_per_atom"]["rmse"], "{:.3f}")
-    lines.append("| calibration scalars (energy, forces) | " + " | ".join(
-        f"{r['calibration']['energy']:.2f}, {r['calibration']['forces']:.2f}" for r in rows) + " |")
-    lines.append("| training time (s) | " + " | ".join(f"{r['train_seconds']:.0f}" for r in rows) + " |")
-    (args.out_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = render(result)
+    (args.out_dir / f"{args.name}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
