@@ -27,7 +27,7 @@ import torch
 from tests.train_config import train_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
-KINDS = ("committee", "shallow", "shallow-energy", "shallow-beta")
+KINDS = ("committee", "shallow", "shallow-nll", "shallow-energy")
 
 
 def render(result: dict) -> str:
@@ -37,8 +37,8 @@ def render(result: dict) -> str:
     commands = result["command"] if isinstance(result["command"], list) else [result["command"]]
     lines = ["# Committee against shallow ensembles on EMT Cu", "", f"Date: {result['date']}. Command: "
              + "; ".join(f"`{c}`" for c in commands) + ". One torch thread, float32; setup in the script's "
-             "docstring. shallow: heads trained with the Gaussian NLL of energies and force components; "
-             "shallow-energy: of energies only; shallow-beta: β-NLL (β = 1) of both.", "",
+             "docstring. shallow: heads trained with the β-NLL (β = 1, the default) of energies and force "
+             "components; shallow-nll: with the plain Gaussian NLL of both; shallow-energy: of energies only.", "",
              f"| | {cols} |", "|---|" + "---|" * len(rows)]
 
     def line(label, get, fmt="{:.2f}"):
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.kinds:
-            extra = {"shallow-energy": ["ensemble.forces_nll_weight=0"],
-                     "shallow-beta": ["ensemble.nll_beta=1"]}.get(kind, [])
+            extra = {"shallow-nll": ["ensemble.nll_beta=0"],
+                     "shallow-energy": ["ensemble.forces_nll_weight=0", "ensemble.nll_beta=0"]}.get(kind, [])
             cfg = train_config(Path(tmp) / kind, Path(tmp) / "data", "logger=csv", "trainer.enable_progress_bar=false",
                                "trainer.enable_model_summary=false", "trainer.max_time=null", "figures=false",
                                "demo_relax=false", "checkpoint.every_n_minutes=null", "data=emt",

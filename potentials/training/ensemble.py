@@ -74,7 +74,7 @@ def wrap_loss(loss: PotentialLoss, cfg: DictConfig) -> PotentialLoss:
         return loss
     e = cfg.get("ensemble") or {}
     return EnsembleLoss(loss, float(e.get("nll_weight", 1.0)), float(e.get("forces_nll_weight", 1.0)),
-                        float(e.get("nll_beta", 0.0)))
+                        float(e.get("nll_beta", 1.0)))
 
 
 def gaussian_nll(target: torch.Tensor, heads: torch.Tensor, floor: float, beta: float = 0.0) -> torch.Tensor:
