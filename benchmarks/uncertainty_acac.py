@@ -90,16 +90,19 @@ def _levels(pred) -> dict:
                for level in ("forces_per_structure", "forces_per_atom", "energy_per_structure")}}
 
 
-def _timed(step, repeats: int) -> float:
-    """Median seconds of ``step()`` over ``repeats`` calls after two warm-up calls."""
-    for _ in range(2):
+def _timed(steps: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each ``step()`` over ``repeats`` calls after two warm-up calls, the steps taken in turn
+    (round-robin: a burst of other work on a shared machine slows every variant alike, not the one it hits)."""
+    for step in steps.values():
         step()
-    times = []
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def part_step_cost(tmp: Path, args, frames: list[ase.Atoms]) -> list[dict]:
@@ -154,7 +157,7 @@ def _step_cost(tmp: Path, args, family: str, train_batch, infer_batch) -> list[d
                 "shallow, energy NLL": trainer(potential(args.size), EnsembleLoss(base, 1.0, 0.0), False),
                 "shallow, energy + force NLL (batched)": trainer(potential(args.size), EnsembleLoss(base), True),
                 "shallow, energy + force NLL (loop)": trainer(potential(args.size), EnsembleLoss(base), "loop")}
-    seconds = {name: _timed(step, args.timing_repeats) for name, step in variants.items()}
+    seconds = _timed(variants, args.timing_repeats)
     single = seconds["single model"]
     seconds[f"committee of {args.size} (= {args.size} × single)"] = args.size * single
     for name, value in seconds.items():
@@ -164,6 +167,12 @@ def _step_cost(tmp: Path, args, family: str, train_batch, infer_batch) -> list[d
     member = shallow.members[0]
     single_model = potential(0).eval()
 
+    def batched():  # one backbone pass, every head's forces from one vmap-batched backward pass
+        batch = infer_batch.clone()
+        batch.pos.requires_grad_(True)
+        out = member(batch, compute_forces=False, compute_stress=False)
+        head_gradients(out["energy_heads"], [batch.pos], create_graph=False, batched=True)
+
     def per_head():  # the per-head reference: one full evaluation per head
         try:
             for k in range(args.size):
@@ -172,10 +181,11 @@ def _step_cost(tmp: Path, args, family: str, train_batch, infer_batch) -> list[d
         finally:
             member.model.active_head = None
 
-    infer = {"single model": _timed(lambda: single_model(infer_batch, compute_stress=False), args.timing_repeats),
-             "shallow forces_std (one pass, batched backward)": _timed(
-                 lambda: shallow(infer_batch, compute_stress=False), args.timing_repeats),
-             "shallow forces_std (one evaluation per head)": _timed(per_head, args.timing_repeats)}
+    infer = _timed({"single model": lambda: single_model(infer_batch, compute_stress=False),
+                    "shallow forces_std (one backbone pass, one backward per head)":
+                        lambda: shallow(infer_batch, compute_stress=False),
+                    "shallow forces_std (one backbone pass, batched backward)": batched,
+                    "shallow forces_std (one evaluation per head)": per_head}, args.timing_repeats)
     for name, value in infer.items():
         rows.append({"model": family, "what": f"inference, 32 frames: {name}", "ms": 1000 * value,
                      "relative": value / infer["single model"]})
@@ -319,8 +329,8 @@ def report(result: dict, path: Path) -> None:
               "shallow: heads trained with the β-NLL (β = 1, the default) of energies and force components; "
               "shallow-nll: with the plain Gaussian NLL of both; shallow-energy: of energies only. Training times "
               "on two cores shared with other work.", "", "## Cost", "",
-              f"Median of {a['timing_repeats']} calls; training step: a batch of 8 acac frames, forward, loss, "
-              "backward and Adam step; inference: energies, forces and spread of 32 frames.", "",
+              f"Median of {result.get('timing_args', a)['timing_repeats']} calls; training step: a batch of 8 acac "
+              "frames, forward, loss, backward and Adam step; inference: energies, forces and spread of 32 frames.", "",
               "| model | what | ms | × single model |", "|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['what']} | {r['ms']:.1f} | {r['relative']:.2f} |" for r in result["step_cost"]]
     lines.append("")
@@ -351,11 +361,15 @@ def merge(files: list[Path], out_dir: Path, name: str) -> None:
     merged["command"] = [c for r in results for c in (r["command"] if isinstance(r["command"], list)
                                                         else [r["command"]])]
     for extra in results[1:]:
-        for row in extra["uncertainty"]:
+        for row in extra.get("uncertainty", []):
             row.setdefault("epochs", extra["args"]["epochs"])
-        merged["uncertainty"] += extra["uncertainty"]
-        seen = {(r["model"], r["what"]) for r in merged["step_cost"]}
-        merged["step_cost"] += [r for r in extra["step_cost"] if (r["model"], r["what"]) not in seen]
+        merged["uncertainty"] += extra.get("uncertainty", [])
+        # timings: a later file's rows replace all earlier ones of the models it timed (one run per model)
+        new = {r["model"] for r in extra.get("step_cost", [])}
+        merged["step_cost"] = [r for r in merged["step_cost"] if r["model"] not in new]
+        merged["step_cost"] += extra.get("step_cost", [])
+        if extra.get("step_cost"):
+            merged["timing_args"] = extra["args"]
     merged["args"]["name"] = name
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(merged, indent=2))
@@ -380,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--finetune-epochs", type=int, default=10)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--no-selection", action="store_true", help="part 1 only")
+    p.add_argument("--timing-only", action="store_true", help="the cost table only")
     p.add_argument("--timing-repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -415,6 +430,10 @@ def main(argv: list[str] | None = None) -> None:
         result["step_cost"] = part_step_cost(tmp / "timing", args, train)
         for row in result["step_cost"]:
             print(f"{row['model']:<6} {row['what']:<70} {row['ms']:8.1f} ms  ×{row['relative']:.2f}")
+        if args.timing_only:
+            (args.out_dir / f"{args.name}.json").parent.mkdir(parents=True, exist_ok=True)
+            (args.out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+            return
         rows, models = part_uncertainty(tmp, args, train, val, tests)
         result["uncertainty"] = rows
         for row in rows:

@@ -142,7 +142,8 @@ class Potential(nn.Module):
             create_graph: keep the graph of the derivatives (needed to train on forces); defaults to
                 ``self.training``.
             head_forces: for a shallow ensemble (a model returning ``node_energy_heads``), derive each head's
-                forces and stress too, from one model pass and one batched backward pass (:func:`head_gradients`);
+                forces and stress too, from one model pass (:func:`head_gradients`: one batched backward pass with
+                ``create_graph``, one backward pass per head without, the faster of the two in each case);
                 ``forces`` and ``stress`` are then their mean.  Ignored for other models.
 
         Returns:
@@ -200,7 +201,8 @@ class Potential(nn.Module):
                     if compute_forces:
                         inputs = inputs[1:]
                 if inputs and per_head:  # [K, ...] per head; the mean energy's derivatives are their mean
-                    grads = head_gradients(result[keys.ENERGY_HEADS], inputs, create_graph)
+                    # batched under vmap when training (cheaper there), one backward pass per head at inference
+                    grads = head_gradients(result[keys.ENERGY_HEADS], inputs, create_graph, batched=create_graph)
                 elif inputs:
                     grads = torch.autograd.grad(
                         [energy.sum()], inputs, create_graph=create_graph, allow_unused=True

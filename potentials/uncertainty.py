@@ -5,7 +5,7 @@ Two kinds of ensemble give a spread next to each prediction (docs/uncertainty.md
 * a **committee**: N potentials trained from different seeds (initial weights, batch order) on the same split;
 * a **shallow ensemble**: one backbone with N readout heads (:class:`ShallowEnsemble`), trained with Gaussian
   negative log-likelihoods of the heads' energies and forces, so that their spread is meant as a standard deviation;
-  every head's forces come from one backbone pass and one batched backward pass (``Potential(head_forces=True)``).
+  every head's forces come from one backbone pass (``Potential.forward(head_forces=True)``).
 
 :class:`EnsemblePotential` evaluates the members (or heads) and returns their mean as ``energy``, ``forces`` and
 ``stress`` with the spread: ``energy_std`` [B] eV, ``forces_std`` [N] eV/Å (per atom, √(mean over members of
@@ -159,7 +159,7 @@ class EnsemblePotential(nn.Module):
             for member in self.members:
                 yield member(data, **options)
             return
-        # one model pass and one batched backward pass for every head's forces and stress (Potential.forward)
+        # one backbone pass, then every head's forces and stress from it (Potential.forward, head_forces)
         out = self.members[0](data, head_forces=True, **options)
         per_head = {keys.ENERGY: out[keys.ENERGY_HEADS].T, keys.NODE_ENERGY: out[keys.NODE_ENERGY_HEADS].T,
                     keys.FORCES: out.get(keys.FORCES_HEADS), keys.STRESS: out.get(keys.STRESS_HEADS),
