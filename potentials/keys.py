@@ -42,6 +42,11 @@ VIRIAL = "virial"
 NODE_ENERGY_HEADS = "node_energy_heads"
 #: [B, K] float, eV, the energy of each head of a shallow ensemble (``energy`` is their mean).
 ENERGY_HEADS = "energy_heads"
+#: [K, N, 3] float, eV/Å, the forces of each head of a shallow ensemble (``forces`` is their mean).
+FORCES_HEADS = "forces_heads"
+#: [K, B, 3, 3] float, eV/Å³ and eV, the stress and virial of each head of a shallow ensemble.
+STRESS_HEADS = "stress_heads"
+VIRIAL_HEADS = "virial_heads"
 
 #: [N] bool, atoms held fixed (OC20 subsurface atoms, ASE FixAtoms); zeros elsewhere.
 FIXED = "fixed"

@@ -131,6 +131,7 @@ class Potential(nn.Module):
         compute_forces: bool = True,
         compute_stress: bool = True,
         create_graph: bool | None = None,
+        head_forces: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Energy, forces and stress of a (batched) :class:`~potentials.graph.AtomicGraph`.
 
@@ -140,9 +141,15 @@ class Potential(nn.Module):
             compute_stress: derive stress [B, 3, 3] eV/Å³ (NaN where not fully periodic) and virial [B, 3, 3] eV.
             create_graph: keep the graph of the derivatives (needed to train on forces); defaults to
                 ``self.training``.
+            head_forces: for a shallow ensemble (a model returning ``node_energy_heads``), derive each head's
+                forces and stress too, from one model pass (:func:`head_gradients`: one batched backward pass with
+                ``create_graph``, one backward pass per head without, the faster of the two in each case);
+                ``forces`` and ``stress`` are then their mean.  Ignored for other models.
 
         Returns:
-            dict with ``energy`` [B], ``node_energy`` [N] and, as asked, ``forces``, ``stress``, ``virial``.
+            dict with ``energy`` [B], ``node_energy`` [N] and, as asked, ``forces``, ``stress``, ``virial``; for a
+            shallow ensemble ``energy_heads`` [B, K], ``node_energy_heads`` [N, K] and with ``head_forces``
+            ``forces_heads`` [K, N, 3], ``stress_heads`` and ``virial_heads`` [K, B, 3, 3].
         """
         create_graph = self.training if create_graph is None else create_graph
         pos, cell, z = data.pos, data.cell.reshape(-1, 3, 3), data.z
@@ -183,21 +190,33 @@ class Potential(nn.Module):
                     node_energy = node_energy + self.physics_terms(data, pos, cell, batch)
                 energy = _scatter_sum(node_energy, batch, n_graphs)
                 result = {keys.ENERGY: energy, keys.NODE_ENERGY: node_energy}
+                per_head = False
                 if heads is not None:  # a shallow ensemble's heads differ only in the network's term
                     spread = self.scale * (heads - out.unsqueeze(-1)).to(pos.dtype)
+                    result[keys.NODE_ENERGY_HEADS] = node_energy.unsqueeze(-1) + spread
                     result[keys.ENERGY_HEADS] = energy.unsqueeze(-1) + _scatter_sum(spread, batch, n_graphs)
+                    per_head = head_forces and direct_forces is None
                 if direct_forces is not None:
                     result[keys.FORCES] = direct_forces * self.scale
                     if compute_forces:
                         inputs = inputs[1:]
-                if inputs:
+                if inputs and per_head:  # [K, ...] per head; the mean energy's derivatives are their mean
+                    # batched under vmap when training (cheaper there), one backward pass per head at inference
+                    grads = head_gradients(result[keys.ENERGY_HEADS], inputs, create_graph, batched=create_graph)
+                elif inputs:
                     grads = torch.autograd.grad(
                         [energy.sum()], inputs, create_graph=create_graph, allow_unused=True
                     )
             if inputs:
-                grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, inputs, strict=True)]
+                lead = (result[keys.ENERGY_HEADS].shape[-1],) if per_head else ()
+                grads = [g if g is not None else x.new_zeros(lead + tuple(x.shape))
+                         for g, x in zip(grads, inputs, strict=True)]
                 if compute_forces and direct_forces is None:
-                    result[keys.FORCES] = -grads[0]
+                    if per_head:
+                        result[keys.FORCES_HEADS] = -grads[0]
+                        result[keys.FORCES] = -grads[0].mean(0)
+                    else:
+                        result[keys.FORCES] = -grads[0]
                 if compute_stress:
                     de_dstrain = grads[-1]
                     volume = torch.linalg.det(cell).abs()
@@ -205,6 +224,33 @@ class Potential(nn.Module):
                     safe_volume = torch.where(periodic, volume, torch.ones_like(volume))
                     stress = de_dstrain / safe_volume.view(-1, 1, 1)
                     nan = torch.full_like(stress, math.nan)
-                    result[keys.STRESS] = torch.where(periodic.view(-1, 1, 1), stress, nan)
+                    stress = torch.where(periodic.view(-1, 1, 1), stress, nan)
+                    if per_head:
+                        result[keys.STRESS_HEADS], result[keys.VIRIAL_HEADS] = stress, -de_dstrain
+                        stress, de_dstrain = stress.mean(0), de_dstrain.mean(0)
+                    result[keys.STRESS] = stress
                     result[keys.VIRIAL] = -de_dstrain
         return result
+
+
+def head_gradients(head_energy: torch.Tensor, inputs: list[torch.Tensor], create_graph: bool, batched: bool = True
+                   ) -> list[torch.Tensor | None]:
+    """Derivatives of every head's energy [B, K], ∂(Σ_b E_bk)/∂x for each input x, stacked over heads: [K, *x.shape].
+
+    One batched backward pass (``is_grads_batched``: the K unit vectors as a batch of output gradients, run through
+    the backward graph at once by vmap) instead of K passes.  Operations vmap cannot batch (some custom kernels) fall
+    back to one backward pass per head (``batched=False`` asks for it), the same numbers.
+    """
+    k = head_energy.shape[-1]
+    total = head_energy.sum(0)  # [K]: the heads are independent sums over structures
+    try:
+        if not batched:
+            raise NotImplementedError
+        eye = torch.eye(k, dtype=total.dtype, device=total.device)
+        return list(torch.autograd.grad([total], inputs, grad_outputs=[eye], is_grads_batched=True,
+                                        retain_graph=True, create_graph=create_graph, allow_unused=True))
+    except (RuntimeError, NotImplementedError):
+        per_head = [torch.autograd.grad([total[i]], inputs, retain_graph=True, create_graph=create_graph,
+                                        allow_unused=True) for i in range(k)]
+        return [None if parts[0] is None else torch.stack(parts)
+                for parts in ([g[j] for g in per_head] for j in range(len(inputs)))]

@@ -3,8 +3,9 @@
 Two kinds of ensemble give a spread next to each prediction (docs/uncertainty.md):
 
 * a **committee**: N potentials trained from different seeds (initial weights, batch order) on the same split;
-* a **shallow ensemble**: one backbone with N readout heads (:class:`ShallowEnsemble`), trained with a Gaussian
-  negative log-likelihood of the heads' energies, so that their spread is meant as a standard deviation.
+* a **shallow ensemble**: one backbone with N readout heads (:class:`ShallowEnsemble`), trained with Gaussian
+  negative log-likelihoods of the heads' energies and forces, so that their spread is meant as a standard deviation;
+  every head's forces come from one backbone pass (``Potential.forward(head_forces=True)``).
 
 :class:`EnsemblePotential` evaluates the members (or heads) and returns their mean as ``energy``, ``forces`` and
 ``stress`` with the spread: ``energy_std`` [B] eV, ``forces_std`` [N] eV/Å (per atom, √(mean over members of
@@ -158,13 +159,13 @@ class EnsemblePotential(nn.Module):
             for member in self.members:
                 yield member(data, **options)
             return
-        potential, model = self.members[0], self.members[0].model
-        try:
-            for k in range(model.heads):
-                model.active_head = k
-                yield potential(data, **options)
-        finally:
-            model.active_head = None
+        # one backbone pass, then every head's forces and stress from it (Potential.forward, head_forces)
+        out = self.members[0](data, head_forces=True, **options)
+        per_head = {keys.ENERGY: out[keys.ENERGY_HEADS].T, keys.NODE_ENERGY: out[keys.NODE_ENERGY_HEADS].T,
+                    keys.FORCES: out.get(keys.FORCES_HEADS), keys.STRESS: out.get(keys.STRESS_HEADS),
+                    keys.VIRIAL: out.get(keys.VIRIAL_HEADS)}
+        for k in range(self.size):
+            yield {key: value[k] for key, value in per_head.items() if value is not None}
 
     def forward(self, data, compute_forces: bool = True, compute_stress: bool = True,
                 create_graph: bool | None = None) -> dict[str, torch.Tensor]:

@@ -19,8 +19,16 @@ from potentials.datasets import emt
 from potentials.errors import PotentialsInputError
 from potentials.evaluate import evaluate_file
 from potentials.graph import AtomicGraph
-from potentials.potential import Potential
-from potentials.training.ensemble import fit_calibration, member_config
+from potentials.potential import Potential, head_gradients
+from potentials.training.ensemble import (
+    FORCES_VARIANCE_FLOOR,
+    EnsembleLoss,
+    fit_calibration,
+    gaussian_nll,
+    member_config,
+)
+from potentials.training.finetune import committee_size, load_base
+from potentials.training.loss import PotentialLoss
 from potentials.training.run import register_resolvers, run
 from potentials.uncertainty import EnsemblePotential, ShallowEnsemble, fit_scale
 from tests.tiny_model import CUTOFF, MODEL_CONFIG, _model, fit_cu, single_thread
@@ -180,6 +188,83 @@ def test_shallow_heads_are_independent_and_spread(cu_frames):
         ShallowEnsemble(_model(), 1)
 
 
+def test_shallow_forces_std_in_one_pass_equals_the_per_head_loop(cu_frames):
+    torch.manual_seed(0)
+    potential = Potential(ShallowEnsemble(_model(), 3), CUTOFF, {29: -3.5}, scale=0.5).eval()
+    graph = Batch.from_data_list([AtomicGraph.from_atoms(_rattled_cu(seed=s), CUTOFF) for s in (1, 2)])
+    out = EnsemblePotential([potential], kind="shallow")(graph)
+    reference = []
+    for k in range(3):  # the reference: one full evaluation per head
+        potential.model.active_head = k
+        reference.append(potential(graph))
+    potential.model.active_head = None
+    forces = torch.stack([r["forces"] for r in reference])
+    stress = torch.stack([r["stress"] for r in reference])
+    energy = torch.stack([r["energy"] for r in reference])
+    torch.testing.assert_close(out["forces"], forces.mean(0))
+    torch.testing.assert_close(out["forces_std"], (forces - forces.mean(0)).pow(2).sum(-1).mean(0).sqrt())
+    torch.testing.assert_close(out["stress_std"], (stress - stress.mean(0)).pow(2).mean(0).sqrt())
+    torch.testing.assert_close(out["energy_members"], energy.T)
+    assert bool((out["forces_std"] > 0).all())
+    # the batched backward pass and one pass per head agree
+    graph.pos.requires_grad_(True)
+    heads = potential(graph, compute_forces=False, compute_stress=False)["energy_heads"]
+    (batched,) = head_gradients(heads, [graph.pos], create_graph=False)
+    (looped,) = head_gradients(heads, [graph.pos], create_graph=False, batched=False)
+    torch.testing.assert_close(batched, looped)
+    torch.testing.assert_close(-batched, forces)
+
+
+def test_gaussian_nll_is_smallest_where_the_spread_equals_the_error():
+    residual = 0.3
+    sigmas = torch.linspace(0.05, 1.0, 96)
+    # heads ±σ around the mean 0: population variance σ²
+    heads = torch.stack([sigmas, -sigmas], dim=-1)
+    nll = gaussian_nll(torch.full_like(sigmas, residual), heads, floor=0.0)
+    assert float(sigmas[int(nll.argmin())]) == pytest.approx(residual, abs=0.011)
+    assert float(nll.min()) == pytest.approx(0.5 * (np.log(residual ** 2) + 1.0), abs=1e-3)
+    # β-NLL with β = 1: the mean's gradient is the squared error's, the spread still settles at the residual
+    for spread, sign in ((0.1, -1.0), (0.3, 0.0), (0.6, 1.0)):
+        heads = torch.tensor([[0.2 + spread, 0.2 - spread]], requires_grad=True)
+        gaussian_nll(torch.tensor([0.2 + residual]), heads, floor=0.0, beta=1.0).sum().backward()
+        d_mean, d_spread = heads.grad.sum().item(), (heads.grad[0, 0] - heads.grad[0, 1]).item()
+        assert d_mean == pytest.approx(-residual, rel=1e-5)  # d/dμ ½(y − μ)²
+        assert np.sign(round(d_spread, 6)) == sign  # too small a spread grows, too large shrinks
+
+
+def test_shallow_force_nll_heads_independent_gradient_flows_loss_finite(cu_frames):
+    torch.manual_seed(0)
+    potential = Potential(ShallowEnsemble(_model(), 3), CUTOFF, {29: -3.5}, scale=0.5).train()
+    batch = Batch.from_data_list([AtomicGraph.from_atoms(a, CUTOFF) for a in cu_frames[:4]])
+    out = potential(batch, compute_stress=False, head_forces=True)
+    assert out["forces_heads"].shape == (3, batch.num_nodes, 3)
+    torch.testing.assert_close(out["forces"], out["forces_heads"].mean(0))
+    loss_fn = EnsembleLoss(PotentialLoss(energy_weight=1.0, forces_weight=10.0), nll_weight=0.0,
+                           forces_nll_weight=1.0)
+    assert loss_fn.needs_head_forces
+    losses = loss_fn(out, batch)
+    assert "energy_nll" not in losses and bool(torch.isfinite(losses["forces_nll"]))
+    # the term is the Gaussian NLL of every force component under the heads' mean and variance
+    f = out["forces_heads"]
+    var = f.var(0, unbiased=False) + FORCES_VARIANCE_FLOOR
+    expected = 0.5 * (var.log() + (batch.forces - f.mean(0)) ** 2 / var)
+    torch.testing.assert_close(losses["forces_nll"], expected.mean())
+    # its gradient reaches every head's row of the last readout layer and the backbone
+    losses["forces_nll"].backward()
+    last = potential.model.backbone.readout[-1].weight
+    assert last.grad is not None and bool((last.grad.abs().sum(1) > 0).all())
+    first = next(potential.model.backbone.parameters())
+    assert first.grad is not None and float(first.grad.abs().sum()) > 0
+    # heads are independent: changing head 2 moves head 2's forces only
+    potential.eval()
+    before = potential(batch, compute_stress=False, head_forces=True)["forces_heads"]
+    with torch.no_grad():
+        last[2].add_(0.5)
+    after = potential(batch, compute_stress=False, head_forces=True)["forces_heads"]
+    torch.testing.assert_close(after[:2], before[:2])
+    assert float((after[2] - before[2]).abs().max()) > 1e-4
+
+
 def _config(tmp_path, *overrides):
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -212,12 +297,50 @@ def test_committee_trains_member_by_member_and_resumes(tmp_path):
     assert (run_dir / "members" / "1" / "model.pt").is_file() and (run_dir / "model.pt").is_file()
 
 
+def test_init_from_a_committee_gives_each_member_its_own_weights(committee, tmp_path):
+    path, members = committee
+    for i, member in enumerate(members):
+        base = load_base(f"{path}#{i}")
+        assert base.path == path
+        for name, value in member.model.state_dict().items():
+            torch.testing.assert_close(base.state[name], value.double())
+    assert load_base(path).state["readout.0.weight"].equal(load_base(f"{path}#0").state["readout.0.weight"])
+    with pytest.raises(PotentialsInputError, match="has 2 members"):
+        load_base(f"{path}#2")
+    cfg = _config(tmp_path / "run", "ensemble.size=3", f"init_from={path}")
+    assert committee_size(path) == 2
+    assert [member_config(cfg, i, {"seed": 0}, tmp_path / str(i), committee_size(path)).init_from
+            for i in range(3)] == [f"{path}#0", f"{path}#1", f"{path}#0"]
+    single = export.save(members[0], tmp_path / "single.pt", MODEL_CONFIG)
+    assert committee_size(single) is None
+    with pytest.raises(PotentialsInputError, match="single model"):
+        load_base(f"{single}#1")
+
+
+def test_committee_members_in_parallel_processes_match_one_after_another(tmp_path):
+    cfg = _config(tmp_path / "par", "ensemble.size=2", "ensemble.parallel=true", "trainer.max_time=00:00:10:00")
+    assert member_config(cfg, 1, {"seed": 0}, tmp_path / "m1").trainer.max_time == "00:00:10:00"  # all of it
+    parallel = run(cfg)
+    serial = run(_config(tmp_path / "seq", "ensemble.size=2"))
+    for a, b in zip(parallel["members"], serial["members"], strict=True):
+        assert "/par/" in a and "/seq/" in b
+        state_a, state_b = export.load(a).state_dict(), export.load(b).state_dict()
+        assert state_a.keys() == state_b.keys()
+        for name in state_a:  # the same seeds, data and batch order: the same weights
+            torch.testing.assert_close(state_a[name], state_b[name], rtol=1e-4, atol=1e-6)
+    first, second = (export.load(m).state_dict() for m in parallel["members"])
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # and the members differ
+    assert parallel["test"]["test/force_mae"] == pytest.approx(serial["test"]["test/force_mae"], rel=1e-3)
+    with pytest.raises(PotentialsInputError, match="ensemble.parallel"):
+        run(_config(tmp_path / "ddp", "ensemble.size=2", "ensemble.parallel=true", "trainer.devices=2"))
+
+
 def test_shallow_ensemble_trains_exports_and_reports(tmp_path):
     summary = run(_config(tmp_path, "ensemble.kind=shallow", "ensemble.size=3"))
     assert summary["ensemble"]["kind"] == "shallow" and summary["ensemble"]["calibration"]["forces"] > 0
     assert "forces_per_atom" in summary["uncertainty"]
     csv = (tmp_path / "csv" / "metrics.csv").read_text()
-    assert "train/loss_energy_nll" in csv
+    assert "train/loss_energy_nll" in csv and "train/loss_forces_nll" in csv
     calc = PotentialCalculator.from_file(summary["model"])
     assert calc.potential.kind == "shallow" and calc.potential.size == 3
     atoms = _rattled_cu()

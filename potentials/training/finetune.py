@@ -71,12 +71,20 @@ class Base:
 def load_base(path: str | Path) -> Base:
     """Read a base model file or checkpoint; every problem is a :class:`PotentialsInputError` of one paragraph.
 
+    A committee's file gives its first member; ``<file>#<i>`` gives member i (what each member of a committee
+    fine-tuned from a committee starts from).  A shallow ensemble's file is refused.
+
     Raises:
         FileNotFoundError: no file at ``path``.
         PotentialsInputError: a damaged file, a newer format, a checkpoint without recorded model options and no
             ``config.yaml`` of its run, weights that do not fit their model options.
     """
-    path = Path(path)
+    member = None
+    text = str(path)
+    if not Path(text).is_file() and "#" in text and text.rpartition("#")[2].isdigit():
+        text, _, index = text.rpartition("#")
+        member = int(index)
+    path = Path(text)
     if not path.is_file():
         raise FileNotFoundError(f"init_from={path}: no such file. {_ACCEPTED}.")
     if not zipfile.is_zipfile(path):
@@ -90,21 +98,54 @@ def load_base(path: str | Path) -> Base:
         except Exception as err:  # noqa: BLE001 - re-raised as one paragraph naming the file
             raise PotentialsInputError(f"init_from={path}: the file cannot be read ({err}). {_ACCEPTED}.") from err
     if isinstance(payload, dict) and "state_dict" in payload:
+        if member is not None:
+            raise PotentialsInputError(f"init_from={path}#{member}: #<member> names a committee member in a model "
+                                       "file; this is a checkpoint of a single run")
         return _from_checkpoint(path, payload)
     if isinstance(payload, dict) and "format_version" in payload:
-        return _from_model_file(path)
+        return _from_model_file(path, member)
     raise PotentialsInputError(f"init_from={path}: neither a potentials model file (no format_version) nor a "
                                f"Lightning checkpoint (no state_dict). {_ACCEPTED}.")
 
 
-def _from_model_file(path: Path) -> Base:
+def committee_size(path: str | Path) -> int | None:
+    """Members of the committee in model file ``path``; None for any other file (or no readable file)."""
     from potentials.export import load
+    from potentials.uncertainty import EnsemblePotential
+
+    path = Path(path)
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return None
+    try:
+        potential = load(path)
+    except Exception:  # noqa: BLE001 - not a model file: load_base reports it
+        return None
+    return potential.size if isinstance(potential, EnsemblePotential) and potential.kind == "committee" else None
+
+
+def _from_model_file(path: Path, member: int | None = None) -> Base:
+    from potentials.export import load
+    from potentials.uncertainty import EnsemblePotential
 
     try:
         potential = load(path, dtype=torch.float64)  # float64 holds float32 weights exactly
     except PotentialsInputError as err:
         raise PotentialsInputError(f"init_from: {err}") from err
     meta = potential.metadata
+    if isinstance(potential, EnsemblePotential):
+        if potential.kind != "committee":
+            raise PotentialsInputError(f"init_from={path}: a shallow ensemble's file; its readout heads cannot start "
+                                       "a single-head model. Fine-tune from a single model or a committee, or "
+                                       "retrain the shallow ensemble")
+        index = 0 if member is None else member
+        if index >= potential.size:
+            raise PotentialsInputError(f"init_from={path}#{member}: the committee has {potential.size} members "
+                                       f"(#0 to #{potential.size - 1})")
+        log.info("init_from=%s: committee member %d of %d", path, index, potential.size)
+        potential = potential.members[index]
+    elif member is not None:
+        raise PotentialsInputError(f"init_from={path}#{member}: #<member> names a committee member; this file holds "
+                                   "a single model")
     return Base(path=path, kind="model", model_config=dict(meta["model_config"]),
                 state=potential.model.state_dict(), cutoff=potential.cutoff,
                 atomic_energies={z: float(potential.atomic_energies[z]) for z in potential.elements},

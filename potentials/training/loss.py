@@ -14,8 +14,9 @@ from torch.nn import functional as F
 
 from potentials import keys
 
-#: ``energy_nll``: the Gaussian NLL of a shallow ensemble's heads (potentials.training.ensemble.EnsembleLoss)
-TERMS = (keys.ENERGY, keys.FORCES, keys.STRESS, "energy_nll")
+#: ``energy_nll``, ``forces_nll``: the Gaussian NLLs of a shallow ensemble's heads
+#: (potentials.training.ensemble.EnsembleLoss)
+TERMS = (keys.ENERGY, keys.FORCES, keys.STRESS, "energy_nll", "forces_nll")
 
 
 def _masked_sum(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str, delta: float

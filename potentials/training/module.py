@@ -115,7 +115,8 @@ class PotentialModule(L.LightningModule):
               dataloader_idx: int = 0) -> torch.Tensor | None:
         stress = self.loss_fn.needs_stress and bool(batch.has_stress.any())
         with torch.enable_grad():
-            out = potential(batch, compute_forces=True, compute_stress=stress, create_graph=train)
+            out = potential(batch, compute_forces=True, compute_stress=stress, create_graph=train,
+                            head_forces=getattr(self.loss_fn, "needs_head_forces", False))
         terms = self.loss_fn.terms(out, batch)
         if not terms:
             raise PotentialsInputError("the loss has no term: training.loss weights are all zero")
