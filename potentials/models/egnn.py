@@ -40,7 +40,9 @@ class EGNNLayer(nn.Module):
                 ) -> torch.Tensor:
         """h: [N, C]; edge_index [2, E] (j, i); radial [E, num_basis]; envelope [E] → new h [N, C]."""
         j, i = edge_index[0], edge_index[1]
-        pre = self.lin_i(h)[i] + self.lin_j(h)[j] + self.lin_rad(radial)
+        # index_select, not h[i]: its backward is an index_add; that of h[i] an index_put with accumulation, which
+        # on the CPU is several times slower
+        pre = self.lin_i(h).index_select(0, i) + self.lin_j(h).index_select(0, j) + self.lin_rad(radial)
         m = self.edge_mlp(pre) * envelope.unsqueeze(-1)
         m = m * self.gate(m)
         agg = torch.zeros_like(h).index_add(0, i, m) * self.norm
