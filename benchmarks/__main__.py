@@ -101,7 +101,7 @@ def run_roofline(settings: suite.Settings, paths: dict[str, Path]) -> dict:
     out: dict = {"roofs": [roofs()], "models": []}
     for label, cfg in suite.roofline_models(settings).items():
         req = {**_common(settings, "roofline", "float32", cfg), "structures": entries,
-               "warmup": settings.train_warmup, "steps": settings.train_steps}
+               "warmup": 1, "steps": settings.roofline_steps, "profile_calls": 1}
         out["models"].append(_record("ours", label, req, settings, timeout=3600))
     out["roofs"].append(roofs())
     return out

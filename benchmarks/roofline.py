@@ -265,6 +265,17 @@ def gemm_peak(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float3
             "gflops": 2 * n ** 3 / best / 1e9}
 
 
+def narrow_gemm(rows: int = 21000, inner: int = 64, cols: int = 64, repeats: int = 20,
+                dtype: torch.dtype = torch.float32) -> dict:
+    """The rate of the matrix products the models are made of: [rows × inner] · [inner × cols], e.g. a 64-channel
+    linear layer on the 21 000 edges of Cu500; the best of ``repeats``."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(rows, inner, generator=gen, dtype=dtype), torch.randn(inner, cols, generator=gen, dtype=dtype)
+    out = torch.empty(rows, cols, dtype=dtype)
+    best = _best_seconds(lambda: torch.mm(a, b, out=out), repeats)
+    return {"shape": [rows, inner, cols], "best_s": best, "gflops": 2 * rows * inner * cols / best / 1e9}
+
+
 def bandwidth(megabytes: int = 256, repeats: int = 5) -> dict:
     """Memory roof: the best of ``repeats`` copies (read + write) and adds (2 reads + 1 write) of float32 arrays of
     ``megabytes`` each, far beyond any cache; GB/s of bytes read and written."""

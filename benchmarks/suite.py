@@ -101,6 +101,7 @@ class Settings:
     malloc: str = "tuned"  # glibc allocator settings of every worker: "tuned" (potentials.accel.allocator) or "system"
     rounds: int = 1  # repetitions of the inference part (models interleaved); the report takes medians
     roofline_structures: tuple[str, ...] = ("cu500", "si64")  # the roofline part's structures (--structures)
+    roofline_steps: int = 4  # timed steps per model, structure and step kind (after one warm-up)
 
     @classmethod
     def make(cls, quick: bool, **overrides) -> Settings:

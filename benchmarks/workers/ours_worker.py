@@ -187,7 +187,8 @@ def roofs(request: dict) -> dict:
 
     setup_torch(request)
     gemm = [rl.gemm_peak(n, repeats=int(request.get("repeats", 5))) for n in request.get("gemm_sizes", (2048, 3072))]
-    return {"gemm": gemm, "bandwidth": rl.bandwidth(repeats=int(request.get("repeats", 5))),
+    narrow = [rl.narrow_gemm(*shape) for shape in request.get("narrow_shapes", ((21000, 64, 64), (21000, 128, 64)))]
+    return {"gemm": gemm, "narrow_gemm": narrow, "bandwidth": rl.bandwidth(repeats=int(request.get("repeats", 5))),
             "gemm_gflops": max(g["gflops"] for g in gemm), "threads": torch.get_num_threads(),
             "load_avg": list(os.getloadavg()), "versions": versions(VERSIONS)}
 
