@@ -128,7 +128,7 @@ def plot(data: dict, path: Path) -> Path:
     """Achieved GFLOP/s against arithmetic intensity, log-log, under the GEMM peak and the bandwidth slope."""
     peak, bw = machine_roofs(data)
     points = list(rows(data))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     xs = [d["intensity"] for _, _, d in points] or [1.0]
     lo, hi = min(min(xs) / 3, peak / bw / 10), max(max(xs) * 3, peak / bw * 10)
     grid = [lo * (hi / lo) ** (i / 200) for i in range(201)]
@@ -145,7 +145,7 @@ def plot(data: dict, path: Path) -> Path:
     ax.set_xlabel("arithmetic intensity, flop / byte moved (estimate)")
     ax.set_ylabel("achieved GFLOP/s")
     ax.set_title("Roofline: one step, float32 (o inference, □ training)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
