@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks run [--quick] [--only infer,train,accuracy,neighbors,finetune]``.
+"""Command line: ``python -m benchmarks run [--quick] [--only infer,train,accuracy,neighbors,roofline,finetune]``.
 
 ``finetune`` (fine-tuning learning curves, :mod:`benchmarks.finetune_curves`, about 30 minutes) runs only when
 ``--only`` names it; ``python -m benchmarks.finetune_curves`` has its own options (families, sizes, budget).
@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import datasets, neighbors_bench, peers, report, structures, suite
+from benchmarks import datasets, neighbors_bench, peers, report, roofline_report, structures, suite
 
-PARTS = ("infer", "train", "accuracy", "neighbors")
+PARTS = ("infer", "train", "accuracy", "neighbors", "roofline")
 EXTRA_PARTS = ("finetune",)  # only when --only names them
 
 
@@ -112,9 +112,34 @@ def run_datasets(settings: suite.Settings, tasks: list[datasets.Task]) -> list[d
     return records
 
 
+def run_roofline(settings: suite.Settings, paths: dict[str, Path]) -> dict:
+    """This project's models: counted work, time and profile of one inference and one training step per structure,
+    between two measurements of the machine's roofs (GEMM peak, memory bandwidth) at the same thread count."""
+    entries = [{"name": n, "path": str(paths[n])} for n in settings.roofline_structures]
+
+    def roofs() -> dict:
+        log("roofs             GEMM peak and memory bandwidth (ours)")
+        try:
+            policy = None if settings.omp_wait_policy == "none" else settings.omp_wait_policy
+            return peers.run_worker("ours", {"task": "roofs", "threads": settings.threads}, timeout=600,
+                                    wait_policy=policy, malloc=settings.malloc)
+        except peers.PeerError as exc:
+            return {"error": str(exc)}
+
+    out: dict = {"roofs": [roofs()], "models": []}
+    for label, cfg in suite.roofline_models(settings).items():
+        req = {**_common(settings, "roofline", "float32", cfg), "structures": entries,
+               "warmup": 1, "steps": settings.roofline_steps, "profile_calls": 1}
+        out["models"].append(_record("ours", label, req, settings, timeout=3600))
+    out["roofs"].append(roofs())
+    return out
+
+
 def _versions(records: dict) -> dict:
     out = {}
     for recs in records.values():
+        if isinstance(recs, dict):  # the roofline part: its model records
+            recs = recs.get("models", [])
         if not isinstance(recs, list):
             continue
         for rec in recs:
@@ -142,6 +167,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         args.quick, threads=args.threads, budget_s=args.budget,
         dtypes=tuple(args.dtypes.split(",")) if args.dtypes else None,
         infer_structures=tuple(args.structures.split(",")) if args.structures else None,
+        roofline_structures=tuple(args.structures.split(",")) if args.structures else None,
         frameworks=tuple(args.frameworks.split(",")) if args.frameworks else None,
         models=tuple(args.models.split(",")) if args.models else None,
         accuracy_models=tuple(args.accuracy_models.split(",")) if args.accuracy_models else None,
@@ -154,14 +180,19 @@ def run(args: argparse.Namespace) -> list[Path]:
             "settings": vars(settings)}
     log(f"settings: {settings}")
     cache = structures.CACHE_DIR
-    paths = {n: structures.write_structure(n, cache) for n in settings.infer_structures + ("cu500",)}
+    names = dict.fromkeys((settings.infer_structures if "infer" in only else ())
+                          + (("cu500",) if "train" in only else ())
+                          + (settings.roofline_structures if "roofline" in only else ()))
+    paths = {n: structures.write_structure(n, cache) for n in names}
     n_train, n_val, n_test = settings.md17_split
-    splits = structures.write_md17_splits(cache, n_train, n_val, n_test)
+    needs_md17 = "train" in only or "accuracy" in only
+    splits = structures.write_md17_splits(cache, n_train, n_val, n_test) if needs_md17 else {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     steps = {"neighbors": lambda: neighbors_bench.run(), "infer": lambda: run_infer(settings, paths),
              "train": lambda: run_train(settings, paths, splits),
-             "accuracy": lambda: (run_datasets(settings, tasks) if tasks else run_accuracy(settings, splits))}
+             "accuracy": lambda: (run_datasets(settings, tasks) if tasks else run_accuracy(settings, splits)),
+             "roofline": lambda: run_roofline(settings, paths)}
     written = []
     for part in PARTS:
         if part in only:
@@ -211,6 +242,9 @@ def write(run_data: dict, out: Path) -> list[Path]:
         elif part == "accuracy" and any("dataset" in r for r in recs):
             sections = report.dataset_sections(recs, settings["budget_s"], out, name,
                                                settings.get("eval_points", 8))
+        elif part == "roofline":
+            roofline_report.plot(recs, out / f"{name}.png")
+            sections = roofline_report.sections(recs, f"{name}.png")
         elif part == "accuracy":
             report.plot_curves(recs, out / f"{name}.png")
             sections = [(f"Accuracy at equal time: MD17 ethanol, {settings['budget_s']:.0f} s of optimiser steps",
@@ -236,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--models", help=f"comma-separated labels from {','.join(suite.all_models())}")
     r.add_argument("--accuracy-models", help="the subset of --models trained for the accuracy part (default: all)")
     r.add_argument("--dtypes", help="comma-separated subset of float32,float64")
-    r.add_argument("--structures", help="inference structures, e.g. si64,cu500,ethanol,oc20")
+    r.add_argument("--structures", help="inference (and roofline) structures, e.g. si64,cu500,ethanol,oc20")
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--rounds", type=int, help="repeat the inference part this many times, models interleaved; "
                                               "the report gives the median over rounds and their spread")

@@ -91,6 +91,9 @@ TRAINING_OVERRIDES: dict[str, dict] = {
 #: The models the ``--quick`` run measures (one per framework).
 QUICK_MODELS = ("mace-64", "escn-md-64-l2", "nequip-s", "egnn-64")
 
+#: The models of the roofline part unless ``--models`` names others (this project's models only).
+ROOFLINE_MODELS = ("egnn-64", "facet-64", "eqv2-64-l2")
+
 
 @dataclass
 class Settings:
@@ -115,6 +118,8 @@ class Settings:
     eval_points: int = 8  # evaluations per equal-time training run, log-spaced in time
     report_variant: str = ""  # non-empty: reports go to <part>-<variant>.* (a side report) instead of <part>.*
     rounds: int = 1  # repetitions of the inference part (models interleaved); the report takes medians
+    roofline_structures: tuple[str, ...] = ("cu500", "si64")  # the roofline part's structures (--structures)
+    roofline_steps: int = 4  # timed steps per model, structure and step kind (after one warm-up)
 
     @classmethod
     def make(cls, quick: bool, **overrides) -> Settings:
@@ -151,6 +156,16 @@ def selected_models(settings: Settings) -> dict[str, tuple[str, dict]]:
         raise ValueError(f"unknown model label(s) {unknown}; known: {sorted(models)}")
     chosen = settings.models or tuple(models)
     return {label: models[label] for label in chosen if models[label][0] in settings.frameworks}
+
+
+def roofline_models(settings: Settings) -> dict[str, dict]:
+    """This project's models measured by the roofline part: those of ``--models`` if given, else
+    :data:`ROOFLINE_MODELS`."""
+    chosen = settings.models or ROOFLINE_MODELS
+    unknown = [m for m in chosen if m not in all_models()]
+    if unknown:
+        raise ValueError(f"unknown model label(s) {unknown}; known: {sorted(all_models())}")
+    return {label: OURS_MODELS[label] for label in chosen if label in OURS_MODELS}
 
 
 def ours_available(cfg: dict) -> str | None:

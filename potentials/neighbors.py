@@ -100,6 +100,8 @@ def edge_vectors(
         [E, 3] edge vectors, Å.
     """
     j, i = edge_index[0], edge_index[1]
-    graph_of_edge = batch[i] if batch is not None else torch.zeros_like(i)
-    shift = torch.einsum("ea,eab->eb", cell_offsets.to(pos.dtype), cell[graph_of_edge])
-    return pos[j] + shift - pos[i]
+    graph_of_edge = batch.index_select(0, i) if batch is not None else torch.zeros_like(i)
+    # index_select rather than pos[j]: the backward pass (forces, stress) is then an index_add, not the CPU's much
+    # slower accumulating index_put
+    shift = torch.einsum("ea,eab->eb", cell_offsets.to(pos.dtype), cell.index_select(0, graph_of_edge))
+    return pos.index_select(0, j) + shift - pos.index_select(0, i)

@@ -1,7 +1,9 @@
 """Worker for this project's own models: runs in the main venv with the project root on PYTHONPATH.
 
 Same protocol and tasks as the peer workers (infer, train_step, train_equal_time), so every framework is
-measured the same way: a fresh subprocess, the same thread settings, the same structures.
+measured the same way: a fresh subprocess, the same thread settings, the same structures.  Two more tasks, for
+this project's models only: ``roofline`` (counted work, time and profile of a step, benchmarks/roofline.py) and
+``roofs`` (the machine's measured GEMM peak and memory bandwidth).
 
 Request ``model``: ``{"_target_": "potentials.models.egnn.EGNN", "cutoff": 5.0, **constructor kwargs}``;
 ``avg_num_neighbors`` is measured on the structure (or the training set) unless given. The model is wrapped in
@@ -11,6 +13,7 @@ Request ``model``: ``{"_target_": "potentials.models.egnn.EGNN", "cutoff": 5.0, 
 from __future__ import annotations
 
 import importlib
+import os
 
 import ase.io
 import numpy as np
@@ -136,6 +139,67 @@ def train_step(request: dict) -> dict:
     return result("ours", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results)
 
 
+def _roofline_step(pot: Potential, batch: Batch, mode: str, periodic: bool):
+    """One inference step (energy, forces, stress where periodic) or one training step (force loss: a double
+    backward, then the optimiser) as a function of no arguments."""
+    if mode == "infer":
+        pot.eval()
+        return lambda: pot(batch, compute_forces=True, compute_stress=periodic)
+    pot.train()
+    opt = torch.optim.AdamW(pot.parameters(), lr=1e-3, amsgrad=True)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(pot(batch, compute_forces=True, compute_stress=False), batch).backward()
+        opt.step()
+
+    return step
+
+
+def roofline(request: dict) -> dict:
+    """Per structure and step kind (``modes``: infer, train): the step's median time, its counted floating-point
+    work and bytes (benchmarks.roofline.count) and a profile of its top operations."""
+    from benchmarks import roofline as rl
+
+    dtype = setup_torch(request)
+    cfg = model_config(request)
+    cutoff = float(cfg["cutoff"])
+    warmup, steps = int(request.get("warmup", 2)), int(request.get("steps", 5))
+    results, params = [], None
+    for entry in request["structures"]:
+        frames, _ = read_frames(entry)
+        atoms = frames[0]
+        batch = to_batch([atoms], cutoff, dtype)
+        n_edges = int(batch.edge_index.shape[1])
+        for mode in request.get("modes", ("infer", "train")):
+            torch.manual_seed(int(request.get("seed", 0)))
+            pot = build_potential(cfg, n_edges / len(atoms)).to(dtype)
+            params = n_params(pot)
+            step = _roofline_step(pot, batch, mode, bool(atoms.pbc.all()))
+            load_before = os.getloadavg()
+            times = time_steps(step, warmup, steps)
+            load_after = os.getloadavg()
+            counts = rl.count(step)
+            profile = rl.profile_top(step, calls=int(request.get("profile_calls", 2)))
+            results.append({"structure": entry.get("name", entry["path"]), "mode": mode, "n_atoms": len(atoms),
+                            "n_edges": n_edges, "median_ms": 1e3 * float(np.median(times)),
+                            "min_ms": 1e3 * float(np.min(times)), "counts": counts.as_dict(), "profile": profile,
+                            "load_avg_before_after": [list(load_before), list(load_after)]})
+    return result("ours", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results)
+
+
+def roofs(request: dict) -> dict:
+    """The machine's measured roofs at the request's thread count: dense float32 GEMM and memory bandwidth."""
+    from benchmarks import roofline as rl
+
+    setup_torch(request)
+    gemm = [rl.gemm_peak(n, repeats=int(request.get("repeats", 5))) for n in request.get("gemm_sizes", (2048, 3072))]
+    narrow = [rl.narrow_gemm(*shape) for shape in request.get("narrow_shapes", ((21000, 64, 64), (21000, 128, 64)))]
+    return {"gemm": gemm, "narrow_gemm": narrow, "bandwidth": rl.bandwidth(repeats=int(request.get("repeats", 5))),
+            "gemm_gflops": max(g["gflops"] for g in gemm), "threads": torch.get_num_threads(),
+            "load_avg": list(os.getloadavg()), "versions": versions(VERSIONS)}
+
+
 def _reference_energies(frames: list[ase.Atoms]) -> tuple[dict, float, float]:
     """Least-squares E0 per element, mean residual energy per atom, RMS force (eV/Å)."""
     zs = sorted({int(z) for a in frames for z in a.numbers})
@@ -221,7 +285,8 @@ def train_equal_time(request: dict) -> dict:
 
 
 def main(request: dict) -> dict:
-    return dispatch(request, {"infer": infer, "train_step": train_step, "train_equal_time": train_equal_time})
+    return dispatch(request, {"infer": infer, "train_step": train_step, "train_equal_time": train_equal_time,
+                              "roofline": roofline, "roofs": roofs})
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ class EGNNLayer(nn.Module):
         """h: [N, C]; edge_index [2, E] (j, i); radial [E, num_basis]; envelope [E] (of the input lengths);
         edge_vec [E, 3] (with ``coords``) → new h [N, C] and the updated edge vectors (None without ``coords``)."""
         j, i = edge_index[0], edge_index[1]
-        pre = self.lin_i(h)[i] + self.lin_j(h)[j] + self.lin_rad(radial)
+        # index_select, not h[i]: its backward is an index_add; that of h[i] an index_put with accumulation, which
+        # on the CPU is several times slower
+        pre = self.lin_i(h).index_select(0, i) + self.lin_j(h).index_select(0, j) + self.lin_rad(radial)
         m = self.edge_mlp(pre) * envelope.unsqueeze(-1)
         new_vec = None
         if self.coord_mlp is not None:
