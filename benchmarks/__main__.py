@@ -193,7 +193,6 @@ def run(args: argparse.Namespace) -> list[Path]:
              "train": lambda: run_train(settings, paths, splits),
              "accuracy": lambda: (run_datasets(settings, tasks) if tasks else run_accuracy(settings, splits)),
              "roofline": lambda: run_roofline(settings, paths)}
-    written = []
     for part in PARTS:
         if part in only:
             log(part)
