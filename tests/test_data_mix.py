@@ -135,6 +135,7 @@ def test_store_and_file_mix_trains_with_pooled_statistics_and_per_dataset_metric
     assert len(dm.splits["train"]) == len(metals) + len(al_part) == 10 + 8
     pooled = compute_stats(itertools.chain(metals, al_part))
     assert dm.stats.elements == pooled.elements and 13 in pooled.elements and 29 in pooled.elements
+    # no element in common: the weighted fit of E0 splits into one fit per dataset, the same as the unweighted one
     assert dm.stats.atomic_energies == pytest.approx(pooled.atomic_energies, rel=1e-12)
     alone = compute_stats(iter(metals))
     assert dm.stats.force_rms != pytest.approx(alone.force_rms, rel=1e-6)  # both datasets count
