@@ -135,6 +135,7 @@ def test_store_and_file_mix_trains_with_pooled_statistics_and_per_dataset_metric
     assert len(dm.splits["train"]) == len(metals) + len(al_part) == 10 + 8
     pooled = compute_stats(itertools.chain(metals, al_part))
     assert dm.stats.elements == pooled.elements and 13 in pooled.elements and 29 in pooled.elements
+    # no element in common: the weighted fit of E0 splits into one fit per dataset, the same as the unweighted one
     assert dm.stats.atomic_energies == pytest.approx(pooled.atomic_energies, rel=1e-12)
     alone = compute_stats(iter(metals))
     assert dm.stats.force_rms != pytest.approx(alone.force_rms, rel=1e-6)  # both datasets count
@@ -154,6 +155,51 @@ def test_store_and_file_mix_trains_with_pooled_statistics_and_per_dataset_metric
     best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     monitors = {state.get("monitor") for state in best["callbacks"].values()}
     assert "val/al/force_mae" in monitors
+
+
+def _cu_ag(path: Path, n: int, seed: int, shift_per_atom: float = 0.0) -> Path:
+    """``n`` EMT Cu/Ag structures as extxyz, every atom's energy shifted by ``shift_per_atom`` eV (another reference:
+    a different DFT setting)."""
+    frames = emt.generate(seed=seed, n_structures=n, elements=["Cu", "Ag"])
+    for atoms in frames:
+        atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy() + shift_per_atom * len(atoms),
+                                           forces=atoms.get_forces())
+    ase.io.write(path, frames, format="extxyz")
+    return path
+
+
+def _counts_energies(graphs, elements: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    graphs = list(graphs)
+    counts = np.array([[int((g.z == z).sum()) for z in elements] for g in graphs], dtype=np.float64)
+    return counts, np.array([float(g.energy) for g in graphs])
+
+
+def test_mix_reference_energies_are_fitted_with_the_sampling_weights(tmp_path, data_root):
+    """Two Cu/Ag sets whose energies differ by 0.4 eV/atom, 20 and 5 training structures, the small one drawn three
+    times as often: E0 is the least-squares fit with weight w_k / n_k per structure (hand-computed here), i.e.
+    3/4 of the way to the small set's offset, not 1/5 of the way as a fit over the pooled structures gives."""
+    big = _cu_ag(tmp_path / "big.extxyz", 22, seed=3)
+    small = _cu_ag(tmp_path / "small.extxyz", 7, seed=4, shift_per_atom=0.4)
+    overrides = [*TINY, "data=mix", "+data@data.datasets.big=ase", f"data.datasets.big.path={big}",
+                 "data.datasets.big.split.val=2", "data.datasets.big.split.test=0",
+                 "+data@data.datasets.small=ase", f"data.datasets.small.path={small}", "+data.datasets.small.weight=3",
+                 "data.datasets.small.split.val=2", "data.datasets.small.split.test=0", "data.batch_size=4"]
+    dm, _ = build(train_config(tmp_path / "run", data_root, *overrides))
+    elements = [29, 47]
+    parts = [_counts_energies(dm.modules[name].splits["train"], elements) for name in ("big", "small")]
+    assert [len(p[1]) for p in parts] == [20, 5]
+    a, e = np.vstack([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    w = np.concatenate([np.full(20, (1 / 4) / 20), np.full(5, (3 / 4) / 5)])
+    weighted, *_ = np.linalg.lstsq(a * np.sqrt(w)[:, None], e * np.sqrt(w), rcond=None)
+    pooled, *_ = np.linalg.lstsq(a, e, rcond=None)
+    got = np.array([dm.stats.atomic_energies[z] for z in elements])
+    np.testing.assert_allclose(got, weighted, rtol=0, atol=1e-9)
+    assert np.abs(got - pooled).max() > 0.1  # ignoring the weights would land here instead
+    fit_w = np.array(dm.fit_weights())
+    assert fit_w.mean() == pytest.approx(1.0) and fit_w[-1] / fit_w[0] == pytest.approx(3 * 20 / 5)
+    # the offset of the fitted E0 against the big set alone: the weighted share of the small set's 0.4 eV
+    alone, *_ = np.linalg.lstsq(*parts[0], rcond=None)
+    assert np.mean(got - alone) == pytest.approx(0.3, abs=0.05)
 
 
 # ----------------------------------------------------------------------------------------------- bad input

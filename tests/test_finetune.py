@@ -42,10 +42,11 @@ def base(tmp_path_factory) -> Path:
     return root / "run"
 
 
-def _data_file(path: Path, elements: list[str], offsets: dict[str, float] | None = None, seed: int = 5) -> Path:
-    """EMT frames of ``elements`` written as extxyz, each atom's energy shifted by ``offsets`` (another
+def _data_file(path: Path, elements: list[str], offsets: dict[str, float] | None = None, seed: int = 5,
+               n: int = 16) -> Path:
+    """``n`` EMT frames of ``elements`` written as extxyz, each atom's energy shifted by ``offsets`` (another
     'DFT setting': a constant per element)."""
-    frames = emt.generate(seed=seed, n_structures=16, elements=elements)
+    frames = emt.generate(seed=seed, n_structures=n, elements=elements)
     for atoms in frames:
         shift = sum((offsets or {}).get(s, 0.0) for s in atoms.get_chemical_symbols())
         atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy() + shift,
@@ -126,6 +127,37 @@ def test_reference_energies_keep_and_refit(base, tmp_path):
     assert e0["shifted"][CU] - e0["plain"][CU] == pytest.approx(0.3, abs=1e-4)
     assert e0["shifted"][AG] - e0["plain"][AG] == pytest.approx(-0.2, abs=1e-4)
     assert e0["shifted"][CU] - base_e0[CU] == pytest.approx(0.3, abs=0.15)  # the base's own error on top
+
+
+def test_refit_in_a_mix_weights_the_structures_as_training_draws_them(base, tmp_path):
+    """Fine-tuning with replay: 5 new structures 0.4 eV/atom off the base's reference (weight 3) and 20 replayed
+    ones (weight 1). The refitted E0 solve the weighted normal equations Aᵀ W (E − Ê) = 0 with W = w_k / n_k per
+    structure (A element counts, Ê the model's energies), so the new set's offset is mostly absorbed; the
+    unweighted equations, what a fit ignoring the weights solves, are far from zero."""
+    replayed = _data_file(tmp_path / "replay.extxyz", ["Cu", "Ag"], seed=5, n=20)
+    new = _data_file(tmp_path / "new.extxyz", ["Cu", "Ag"], {"Cu": 0.4, "Ag": 0.4}, seed=6, n=5)
+    tiny = [x for x in TINY if not x.startswith("data.")]
+    cfg = train_config(tmp_path / "run", tmp_path / "data", *tiny, "dtype=float64", "data=mix", "data.batch_size=4",
+                       "+data@data.datasets.replay=ase", f"data.datasets.replay.path={replayed}",
+                       "data.datasets.replay.split.val=0", "data.datasets.replay.split.test=0",
+                       "+data@data.datasets.new=ase", f"data.datasets.new.path={new}", "+data.datasets.new.weight=3",
+                       "data.datasets.new.split.val=0", "data.datasets.new.split.test=0",
+                       f"init_from={base / 'model.pt'}")
+    dm, module = build(cfg, overrides=[])
+    graphs = [*dm.modules["replay"].splits["train"], *dm.modules["new"].splits["train"]]
+    assert len(graphs) == 25
+    potential = module.potential.eval()
+    batch = Batch.from_data_list(graphs)
+    with torch.no_grad():
+        predicted = potential(batch, compute_forces=False, compute_stress=False)["energy"].double().numpy()
+    residual = np.array([float(g.energy) for g in graphs]) - predicted
+    counts = np.array([[int((g.z == z).sum()) for z in (CU, AG)] for g in graphs], dtype=np.float64)
+    w = np.concatenate([np.full(20, (1 / 4) / 20), np.full(5, (3 / 4) / 5)])
+    atoms = counts.sum(axis=1)
+    weighted = counts.T @ (w * residual) / (counts.T @ (w * atoms))  # per element, eV/atom
+    unweighted = counts.T @ residual / (counts.T @ atoms)
+    assert np.abs(weighted).max() < 1e-8
+    assert np.abs(weighted - unweighted).max() > 0.05
 
 
 def test_finetune_new_element_frozen_lineage_and_info(base, tmp_path, caplog, capsys):

@@ -14,7 +14,11 @@ Each dataset of the mix is any data config (an adapter or a graph store) with it
   ``W`` processes with ``batch_size = B / W`` step through the batches of one process with ``B``, and a run resumed
   mid-epoch continues with the next batch of the same draw.
 
-Statistics (reference energies, force scale, neighbour count) are those of the pooled training splits. Validation
+Statistics (reference energies, force scale, neighbour count) are those of the pooled training splits, with the
+reference energies a **weighted** least-squares fit: each training structure of dataset ``k`` counts
+``(weight_k / Σ weight) / n_k`` (``n_k`` its training structures; :meth:`MixDataModule.fit_weights`), so the fit
+sees the datasets in the proportion training draws them, not in proportion to their sizes. The reference energies
+a fine-tuning run refits (``init_from=`` with ``data=mix``) use the same weights. Validation
 and test run one loader per dataset; :class:`~potentials.training.module.PotentialModule` logs
 ``val/<name>/<metric>`` for each and ``val/<metric>`` pooled over all (ratios of sums over every structure).
 """
@@ -243,11 +247,27 @@ class MixDataModule(L.LightningDataModule):
 
     @property
     def stats(self) -> DatasetStats:
-        """Statistics of the pooled training splits (computed once)."""
+        """Statistics of the pooled training splits (computed once); reference energies fitted with
+        :meth:`fit_weights`."""
         if self._stats is None:
             self.setup()
-            self._stats = compute_stats(iter(self.splits["train"]))
+            self._stats = compute_stats(iter(self.splits["train"]), weights=self.fit_weights())
         return self._stats
+
+    def fit_weights(self) -> list[float]:
+        """One weight per structure of ``splits["train"]`` (in its order) for least-squares fits over it: a
+        structure of dataset ``k`` gets ``(weight_k / Σ weight) · N / n_k``, ``n_k`` the dataset's training
+        structures and ``N`` all of them, so the weights average 1 and each dataset weighs in the fit as much as
+        training draws it. Datasets without training structures take no part in the normalisation."""
+        self.setup()
+        sizes = {n: len(self.modules[n].splits["train"]) for n in self.names}
+        total_weight = sum(self.weights[n] for n in self.names if sizes[n])
+        total = sum(sizes.values())
+        out: list[float] = []
+        for n in self.names:
+            if sizes[n]:
+                out.extend([self.weights[n] / total_weight * total / sizes[n]] * sizes[n])
+        return out
 
     def _sampler(self) -> WeightedGlobalBatchSampler:
         num_replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None \

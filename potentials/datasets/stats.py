@@ -76,9 +76,13 @@ class StreamingLeastSquares:
         self.rows: list[np.ndarray] = []
         self.block = block
 
-    def add(self, a: np.ndarray, b: float) -> None:
-        """One row: coefficients ``a`` [K] and target ``b``."""
-        self.rows.append(np.append(np.asarray(a, dtype=np.float64), b))
+    def add(self, a: np.ndarray, b: float, weight: float | None = None) -> None:
+        """One row: coefficients ``a`` [K] and target ``b``; ``weight`` w ≥ 0 makes it count w times in the sum of
+        squares (the row is scaled by √w); None: weight 1, the row as given."""
+        row = np.append(np.asarray(a, dtype=np.float64), b)
+        if weight is not None:
+            row *= math.sqrt(weight)
+        self.rows.append(row)
         if len(self.rows) >= self.block:
             self._update()
 
@@ -93,7 +97,8 @@ class StreamingLeastSquares:
         return self.r
 
 
-def compute_stats(graphs: Iterable, baseline: Callable | None = None) -> DatasetStats:
+def compute_stats(graphs: Iterable, baseline: Callable | None = None, weights: Iterable[float] | None = None
+                  ) -> DatasetStats:
     """One streaming pass over graphs (AtomicGraph objects with labels and masks) → :class:`DatasetStats`.
 
     Memory stays constant however many graphs there are: the reference-energy fit accumulates QR factors
@@ -105,11 +110,20 @@ def compute_stats(graphs: Iterable, baseline: Callable | None = None) -> Dataset
         baseline: ``graph → (energy eV, forces [N, 3] eV/Å)`` of terms added to the network's energy (the physics
             terms of :mod:`potentials.physics`); the statistics are those of the labels minus the baseline, i.e.
             of what the network learns.
+        weights: one weight per graph, in the order of ``graphs``, for the reference-energy fit (weighted least
+            squares) and its residual figure; a mix (:mod:`potentials.datasets.mix`) passes its sampling weights so
+            the fit sees each dataset in the proportion training draws it. None: every structure counts once.
+            Force scale and neighbour count stay plain averages over the structures.
     """
     fit, per_atom = StreamingLeastSquares(_MAX_Z), StreamingLeastSquares(_MAX_Z)
     f2, nf, n_edges, n_atoms, n_struct, n_energy = 0.0, 0, 0, 0, 0, 0
     present = np.zeros(_MAX_Z, dtype=bool)
+    weight_iter = None if weights is None else iter(weights)
+    w_energy = 0.0  # sum of the weights of the energy rows (weighted runs only)
     for g in graphs:
+        w = None if weight_iter is None else next(weight_iter, None)
+        if weight_iter is not None and w is None:
+            raise ValueError(f"compute_stats: fewer weights than structures (structure {n_struct} has none)")
         z = g.z.numpy()
         counts = np.bincount(z, minlength=_MAX_Z).astype(np.float64)
         present |= counts > 0
@@ -119,9 +133,10 @@ def compute_stats(graphs: Iterable, baseline: Callable | None = None) -> Dataset
         base_e, base_f = baseline(g) if baseline is not None else (0.0, 0.0)
         if bool(g.has_energy):
             energy = float(g.energy) - base_e
-            fit.add(counts, energy)
-            per_atom.add(counts / len(z), energy / len(z))
+            fit.add(counts, energy, None if w is None else float(w))
+            per_atom.add(counts / len(z), energy / len(z), None if w is None else float(w))
             n_energy += 1
+            w_energy += 1.0 if w is None else float(w)
         if bool(g.has_forces):
             f = g.forces.double().numpy() - base_f
             f2 += float((f**2).sum())
@@ -132,7 +147,8 @@ def compute_stats(graphs: Iterable, baseline: Callable | None = None) -> Dataset
         e0, *_ = np.linalg.lstsq(r[:, elements], r[:, -1], rcond=None)
         x = np.zeros(_MAX_Z + 1)
         x[elements], x[-1] = e0, -1.0
-        rmse = float(np.linalg.norm(per_atom.factor() @ x) / math.sqrt(n_energy))
+        norm = n_energy if weights is None else w_energy
+        rmse = float(np.linalg.norm(per_atom.factor() @ x) / math.sqrt(norm)) if norm > 0 else math.nan
         atomic_energies = {int(z): float(e) for z, e in zip(elements, e0, strict=True)}
     else:
         atomic_energies, rmse = {z: 0.0 for z in elements}, math.nan

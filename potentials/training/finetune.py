@@ -300,7 +300,7 @@ def init_potential(model: nn.Module, base: Base, data_elements: Iterable[int], *
 
 @torch.no_grad()
 def fit_reference_energies(potential: Potential, graphs: Iterable, base: Base, new: Sequence[int], mode: str,
-                           batch_size: int = 32) -> dict[int, float]:
+                           batch_size: int = 32, weights: Sequence[float] | None = None) -> dict[int, float]:
     """Reference energies E0 for the fine-tuning data, set on ``potential`` and returned.
 
     The residual r = E_label − (network + physics) of the base model on each training structure is what the
@@ -309,6 +309,10 @@ def fit_reference_energies(potential: Potential, graphs: Iterable, base: Base, n
     δ the minimum-norm least-squares fit of r − Σ E0_base (a constant offset between the base's and the new
     labels, e.g. another DFT setting, is absorbed; directions the data cannot tell apart stay at the base's
     values). Elements only the base knew keep their E0.
+
+    ``weights`` (one per structure of ``graphs``, in order) make both fits weighted least squares: a mix passes its
+    :meth:`~potentials.datasets.mix.MixDataModule.fit_weights`, so a few new structures trained on with a large
+    weight are not outvoted by many replayed ones. None: every structure counts once.
     """
     from torch_geometric.data import Batch
 
@@ -328,6 +332,8 @@ def fit_reference_energies(potential: Potential, graphs: Iterable, base: Base, n
     fit = StreamingLeastSquares(len(unknowns))
     columns = torch.tensor(unknowns)
     chunk: list = []
+    chunk_weights: list[float] = []
+    weight_iter = None if weights is None else iter(weights)
     n_rows = 0
 
     def flush() -> int:
@@ -340,12 +346,18 @@ def fit_reference_energies(potential: Potential, graphs: Iterable, base: Base, n
         has = batch.has_energy.cpu().reshape(-1).bool()
         target = label - energy  # what a change δ of the unknowns' E0 must explain
         for i in torch.nonzero(has).flatten().tolist():
-            fit.add(counts[i, columns].numpy(), float(target[i]))
+            fit.add(counts[i, columns].numpy(), float(target[i]), chunk_weights[i] if chunk_weights else None)
         chunk.clear()
+        chunk_weights.clear()
         return int(has.sum())
 
     for g in graphs:
         chunk.append(g)
+        if weight_iter is not None:
+            w = next(weight_iter, None)
+            if w is None:
+                raise ValueError("fit_reference_energies: fewer weights than structures")
+            chunk_weights.append(float(w))
         if len(chunk) >= batch_size:
             n_rows += flush()
     if chunk:

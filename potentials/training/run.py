@@ -93,7 +93,7 @@ def build(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[L.Lightn
         raise PotentialsInputError(f"data={cfg.data.get('name', '?')}: {cause}") from err
     physics = PhysicsConfig.from_options(OmegaConf.to_container(cfg.physics) if cfg.get("physics") else None)
     if physics.any:  # the network learns the labels minus the physics terms: statistics of those
-        stats = compute_stats(dm.splits["train"], baseline=baseline(physics, cfg.cutoff))
+        stats = compute_stats(dm.splits["train"], baseline=baseline(physics, cfg.cutoff), weights=fit_weights(dm))
     with open_dict(cfg):
         cfg.data_stats = {**stats.to_dict(), "atomic_energies": {str(k): v for k, v in stats.atomic_energies.items()}}
     model = instantiate(cfg.model)
@@ -122,6 +122,13 @@ def build(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[L.Lightn
     return dm, module
 
 
+def fit_weights(dm) -> list[float] | None:
+    """Per-structure weights of the training split for the reference-energy fits: a mix's sampling weights
+    (:meth:`~potentials.datasets.mix.MixDataModule.fit_weights`), None (unweighted) for a single dataset."""
+    weights = getattr(dm, "fit_weights", None)
+    return weights() if callable(weights) else None
+
+
 def _finetune_module(cfg: DictConfig, dm, model: EnergyModel, base, physics: PhysicsConfig, dtype: torch.dtype
                      ) -> PotentialModule:
     """The module of an ``init_from`` run: the base's weights (fresh embedding rows for new elements), reference
@@ -135,7 +142,8 @@ def _finetune_module(cfg: DictConfig, dm, model: EnergyModel, base, physics: Phy
 
         log.info("elements the base never saw: %s (fresh embedding rows, fitted reference energies)",
                  ", ".join(chemical_symbols[z] for z in new))
-    finetune.fit_reference_energies(potential, dm.splits["train"], base, new, ft.reference_energies)
+    finetune.fit_reference_energies(potential, dm.splits["train"], base, new, ft.reference_energies,
+                                    weights=fit_weights(dm))
     frozen = finetune.apply_freeze(potential, list(ft.freeze or []))
     log.info("parameters (finetune.freeze=%s):\n%s", list(ft.freeze or []), finetune.parameter_table(potential))
     t = cfg.training
