@@ -61,7 +61,8 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     calc = PotentialCalculator.from_file(args.model, device=args.device, dtype=args.dtype,
-                                           kernels=args.kernels)
+                                           kernels=args.kernels,
+                                           compile=args.compile)
     settings = {"model": str(args.model), "structure": str(args.structure), "formula": atoms.get_chemical_formula(),
                 "ensemble": args.ensemble, "temperature_K": args.temperature, "timestep_fs": args.timestep,
                 "seed": args.seed, "dtype": args.dtype}

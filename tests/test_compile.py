@@ -1,0 +1,120 @@
+"""``Potential(compile=True)``: compiled energy, forces and stress equal the eager ones (float64, every family), the
+fallback when the compiler fails, training steps stay eager, and the option travels through model files.
+
+The compiled runs here use the ``aot_eager`` backend (``POTENTIALS_COMPILE_BACKEND``): Dynamo captures the
+model's graph and AOTAutograd builds its backward pass, the pass forces and stress come from, as with inductor,
+without generating code (minutes on a shared CPU); benchmarks/compile_bench.py measures inductor.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ase.build
+import numpy as np
+import pytest
+import torch
+from torch_geometric.data import Batch
+
+from potentials.graph import AtomicGraph
+from potentials.potential import Potential
+from tests.model_zoo import MODELS
+
+CUTOFF = 4.0
+
+
+@pytest.fixture(autouse=True)
+def quick_backend(monkeypatch):
+    monkeypatch.setenv("POTENTIALS_COMPILE_BACKEND", "aot_eager")
+
+
+def _potential(name: str) -> Potential:
+    torch.manual_seed(0)
+    return Potential(MODELS[name](CUTOFF), CUTOFF, atomic_energies={29: -1.2, 13: -3.1}, scale=1.7,
+                     shift=0.3).double().eval()
+
+
+def _cell(repeat=(1, 1, 1), seed: int = 0) -> Batch:
+    """A small triclinic CuAl cell, rattled: periodic, so forces and stress."""
+    rng = np.random.default_rng(seed)
+    atoms = ase.build.bulk("Cu", "fcc", a=3.7, cubic=True).repeat(repeat)
+    atoms.numbers[1::3] = 13
+    atoms.set_cell(atoms.cell.array + rng.normal(0, 0.1, (3, 3)), scale_atoms=True)
+    atoms.positions += rng.normal(0, 0.1, atoms.positions.shape)
+    return Batch.from_data_list([AtomicGraph.from_atoms(atoms, CUTOFF, dtype=torch.float64)])
+
+
+def _assert_same(out: dict, ref: dict) -> None:
+    for key in ("energy", "forces", "stress", "virial"):
+        np.testing.assert_allclose(out[key].detach().numpy(), ref[key].detach().numpy(), rtol=1e-10, atol=1e-12,
+                                   err_msg=key)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compiled_equals_eager(name, caplog):
+    """Energy, forces and stress of the compiled model equal the eager ones, on two cell sizes (one compile with
+    dynamic shapes), and the weights keep requiring gradients afterwards."""
+    potential = _potential(name)
+    small, large = _cell(), _cell((2, 1, 1), seed=1)
+    ref_small, ref_large = potential(small), potential(large)
+    assert np.abs(ref_small["stress"].detach().numpy()).max() > 1e-4  # the comparison is not vacuous
+    potential.compiled = True
+    with caplog.at_level(logging.INFO, logger="potentials.potential"):
+        out_small, out_large = potential(small), potential(large)
+    assert potential.compiled, caplog.text  # no fallback: the family compiles
+    assert "compiled in" in caplog.text  # the compile time is logged
+    _assert_same(out_small, ref_small)
+    _assert_same(out_large, ref_large)
+    assert all(p.requires_grad for p in potential.parameters())
+
+
+def test_compile_failure_falls_back_with_a_warning(monkeypatch, caplog):
+    """A compiler error leaves a warning naming the model and the eager result, and compiling switched off."""
+    def broken(gm, example_inputs):
+        raise RuntimeError("no code generator for this graph")
+
+    monkeypatch.setattr("potentials.potential.compile_backend", lambda: broken)
+    potential = _potential("egnn")
+    batch = _cell()
+    ref = potential(batch)
+    potential.compiled = True
+    with caplog.at_level(logging.WARNING, logger="potentials.potential"):
+        out = potential(batch)
+    assert "torch.compile failed for EGNN" in caplog.text and "no code generator" in caplog.text
+    assert potential.compiled is False
+    _assert_same(out, ref)
+    assert all(p.requires_grad for p in potential.parameters())
+
+
+def test_training_steps_stay_eager_and_give_parameter_gradients():
+    """create_graph=True (a force loss) runs the eager model: parameter gradients of a force loss exist."""
+    potential = _potential("egnn")
+    potential.compiled = True
+    potential.train()
+    out = potential(_cell())
+    (out["forces"].pow(2).sum() + out["stress"].pow(2).sum()).backward()
+    assert potential._compiled_model is None  # never compiled
+    grads = [p.grad for p in potential.model.parameters()]
+    assert all(g is not None for g in grads) and any(float(g.abs().max()) > 0 for g in grads)
+
+
+def test_compile_is_saved_and_overridden_on_load(tmp_path):
+    from potentials.export import load, save
+    from tests.model_zoo import config
+
+    potential = _potential("egnn")
+    potential.compiled = True
+    path = save(potential, tmp_path / "model.pt", config("egnn", CUTOFF))
+    assert load(path).compiled is True
+    assert load(path, compile=False).compiled is False
+    payload = torch.load(path, weights_only=True)
+    del payload["runtime"]["compile"]  # a file written before the option: not compiled
+    torch.save(payload, tmp_path / "old.pt")
+    assert load(tmp_path / "old.pt").compiled is False
+
+
+def test_compile_must_be_a_bool():
+    from potentials.errors import PotentialsInputError
+
+    with pytest.raises(PotentialsInputError, match="compile must be true or false"):
+        Potential(MODELS["egnn"](CUTOFF), CUTOFF, compile="yes")
