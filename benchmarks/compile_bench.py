@@ -51,7 +51,7 @@ def _median_step(step, device, warmup: int, steps: int) -> float:
 
 
 def measure(model: str, structures: list[str], device: str, dtype: str, threads: int, warmup: int,
-            steps: int) -> dict:
+            steps: int, eager_only: bool = False) -> dict:
     """One model: eager and compiled step times on each structure, the compile time, the differences."""
     import torch
     from torch_geometric.data import Batch
@@ -83,6 +83,10 @@ def measure(model: str, structures: list[str], device: str, dtype: str, threads:
         potential.compiled = False
         eager_out = step()
         eager = _median_step(step, dev, warmup, steps)
+        if eager_only:
+            rows.append({"structure": name, "n_atoms": int(batch.pos.shape[0]),
+                         "n_edges": int(batch.edge_index.shape[1]), "eager_s": eager})
+            continue
         potential.compiled = True
         t0 = time.perf_counter()
         compiled_out = step()
@@ -106,7 +110,7 @@ def measure(model: str, structures: list[str], device: str, dtype: str, threads:
 
 def _child(args: argparse.Namespace) -> None:
     out = measure(args.child, args.structures.split(","), args.device, args.dtype, args.threads, args.warmup,
-                  args.steps)
+                  args.steps, args.eager_only)
     print("RESULT " + json.dumps(out))
 
 
@@ -114,7 +118,7 @@ def _run_model(model: str, args: argparse.Namespace) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "benchmarks.compile_bench", "--child", model, "--structures", args.structures,
            "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads), "--warmup",
-           str(args.warmup), "--steps", str(args.steps)]
+           str(args.warmup), "--steps", str(args.steps)] + (["--eager-only"] if args.eager_only else [])
     with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
         env["TORCHINDUCTOR_CACHE_DIR"] = cache  # cold: the compile time of a first run
         t0 = time.perf_counter()
@@ -145,9 +149,10 @@ def _markdown(report: dict) -> str:
             lines.append(f"| {r['model']} | — | | | | | | | | {r['error']} |")
             continue
         for row in r["rows"]:
-            if row.get("compile_failed"):
+            if "compiled_s" not in row:
+                state = "compile failed (eager fallback)" if row.get("compile_failed") else "not measured"
                 lines.append(f"| {r['model']} | {row['structure']} | {row['n_atoms']} | {row['n_edges']} | "
-                             f"{row['eager_s'] * 1e3:.1f} | compile failed (eager fallback) | | | | |")
+                             f"{row['eager_s'] * 1e3:.1f} | {state} | | | | |")
                 continue
             lines.append(f"| {r['model']} | {row['structure']} | {row['n_atoms']} | {row['n_edges']} | "
                          f"{row['eager_s'] * 1e3:.1f} | {row['compiled_s'] * 1e3:.1f} | {row['speedup']:.2f}x | "
@@ -168,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=1500, help="seconds per model (compile included)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compile"),
                    help="report path without suffix (.md and .json are written)")
+    p.add_argument("--eager-only", action="store_true", help="eager step times only (no compiling)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:

@@ -27,9 +27,9 @@ EquiformerV2's grids) and the weights are the EMA weights when training used EMA
 The one rule: **a missing section or key means the behaviour of the version that wrote the file.**  A reader
 therefore takes, for every section and key it reads, the default that reproduces files written without it: no
 ``runtime`` section means ``kernels="auto"`` and ``compile=False``; formats 1 and 2 (flat keys ``model_config``,
-``model_state``, ``cutoff``, …, ``extra``) are read into the same sections; and the model class upgrades the config of an older
-file itself (``EnergyModel.upgrade_config``, e.g. EquiformerV2's format-1 grids).  Keys that every version wrote
-(the model config and weights, cutoff, reference energies, scale, shift) are required.
+``model_state``, ``cutoff``, …, ``extra``) are read into the same sections; and the model class upgrades the config
+of an older file itself (``EnergyModel.upgrade_config``, e.g. EquiformerV2's format-1 grids).  Keys that every
+version wrote (the model config and weights, cutoff, reference energies, scale, shift) are required.
 
 Sections the reader does not know are not an error: they are kept, as written, in ``potential.metadata`` under
 their name.  To add a section (e.g. ``"lineage"`` for fine-tuning, ``"physics"`` for ZBL/D3, ``"ensemble"``):

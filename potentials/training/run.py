@@ -235,6 +235,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
         summary["model"] = str(path)
     demo_split = "test" if dm.splits["test"] else "train"
     summary["_demo_atoms"] = dm.splits[demo_split][0].to_atoms()
+    summary["_device"] = str(trainer.strategy.root_device)  # where the demo relaxation runs
     if trainer.is_global_zero:
         public = {k: v for k, v in summary.items() if not k.startswith("_")}
         (run_dir / "metrics.json").write_text(json.dumps(public, indent=2))
