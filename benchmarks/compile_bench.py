@@ -137,7 +137,8 @@ def _run_model(model: str, args: argparse.Namespace) -> dict:
 
 
 def _markdown(report: dict) -> str:
-    lines = [f"# torch.compile against eager ({report['date']})", "",
+    title = "Inference step times, eager" if report.get("eager_only") else "torch.compile against eager"
+    lines = [f"# {title} ({report['date']})", "",
              f"Device {report['device']} ({report['machine']}), {report['dtype']}, {report['threads']} thread(s), "
              f"torch {report['torch']}; median of {report['steps']} steps after {report['warmup']} warm-up; one step "
              "= energy, forces and stress of one structure (graph built beforehand).  First call = compile (cold "
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "device": args.device, "machine": platform.processor() or platform.machine(),
               "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__, "warmup": args.warmup,
-              "steps": args.steps, "command": "python -m benchmarks.compile_bench " + " ".join(argv or sys.argv[1:]),
+              "steps": args.steps, "eager_only": args.eager_only,
+              "command": "python -m benchmarks.compile_bench " + " ".join(argv or sys.argv[1:]),
               "results": []}
     if args.device.startswith("cuda") and torch.cuda.is_available():
         report["machine"] = torch.cuda.get_device_name(torch.device(args.device))

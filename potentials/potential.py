@@ -50,6 +50,19 @@ def compile_backend() -> str:
     return os.environ.get("POTENTIALS_COMPILE_BACKEND", "").strip() or "inductor"
 
 
+def _root_cause(err: BaseException) -> str:
+    """``Type: first line`` of the innermost cause of ``err`` (the compiler wraps the error that stopped it)."""
+    seen = {id(err)}
+    while True:
+        inner = getattr(err, "inner_exception", None) or err.__cause__
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        err = inner
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def _scatter_sum(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
     out = torch.zeros((size, *src.shape[1:]), dtype=src.dtype, device=src.device)
     return out.index_add(0, index, src)
@@ -162,8 +175,8 @@ class Potential(nn.Module):
                 p.requires_grad_(False)
             out = self._compiled_model(data)
         except Exception as err:  # noqa: BLE001 - any failure of the compiler: run eagerly (a real error recurs there)
-            log.warning("torch.compile failed for %s, running it without compiling (same results, no speed-up): "
-                        "%s: %s", type(self.model).__name__, type(err).__name__, str(err).strip().splitlines()[0][:300])
+            log.warning("torch.compile failed for %s, running it without compiling (same results, no speed-up): %s",
+                        type(self.model).__name__, _root_cause(err))
             self.compiled = False
             out = None
         finally:

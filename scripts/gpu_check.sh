@@ -133,12 +133,12 @@ run_step relax 1 120 "$python" -m potentials.cli.main relax "$model_pt" "$report
 run_step md 1 120 "$python" -m potentials.cli.main md "$model_pt" "$report/cu108.extxyz" --device "$device" \
     --steps 200 --temperature 300 --no-progress --out "$report/md"
 run_step inference 1 150 "$python" -m benchmarks.compile_bench --device "$device" --eager-only --threads 4 \
-    --models egnn-64,facet-64,eqv2-64-l2 --out "$report/inference"
+    --models egnn-64,facet-64,eqv2-64-l2 --limit 45 --out "$report/inference"
 finish relax md inference
 
 # 5. torch.compile on CUDA (inductor + triton): optional, its compile time and speed-up
 run_step compile 0 150 "$python" -m benchmarks.compile_bench --device "$device" --threads 4 --models egnn-64 \
-    --limit 140 --out "$report/compile"
+    --limit 120 --out "$report/compile"
 finish compile
 
 {
