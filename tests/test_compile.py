@@ -136,3 +136,22 @@ def test_compile_must_be_a_bool():
 
     with pytest.raises(PotentialsInputError, match="compile must be true or false"):
         Potential(MODELS["egnn"](CUTOFF), CUTOFF, compile="yes")
+
+
+def test_training_with_compile_and_tf32_on_cpu(tmp_path, data_root, caplog):
+    """compile=true trains (eager steps), validates and tests compiled, and writes runtime.compile; tf32=true on a
+    CPU warns and leaves the flags alone."""
+    from potentials.accel.precision import tf32_enabled
+    from potentials.training.run import run
+    from tests.train_config import train_config
+
+    cfg = train_config(tmp_path / "run", data_root, "logger=csv", "compile=true", "tf32=true", "model.channels=8",
+                       "model.num_layers=1", "data.source.n_structures=24", "data.batch_size=4", "data.split.val=4",
+                       "data.split.test=4", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                       "figures=false", "demo_relax=false")
+    with caplog.at_level(logging.INFO):
+        summary = run(cfg)
+    assert "torch.compile: EGNN compiled in" in caplog.text
+    assert "tf32 applies to CUDA devices only" in caplog.text and not tf32_enabled()
+    assert np.isfinite(summary["test"]["test/force_mae"])
+    assert torch.load(summary["model"], weights_only=True)["runtime"]["compile"] is True
