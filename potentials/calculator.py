@@ -48,18 +48,20 @@ class PotentialCalculator(Calculator):
     @classmethod
     def from_file(cls, path: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
                   cutoff: float | None = None, kernels: str | None = None, zbl: bool | None = None,
-                  dispersion: str | None = KEEP, functional: str | None = None, **kwargs) -> PotentialCalculator:
+                  dispersion: str | None = KEEP, functional: str | None = None, compile: bool | None = None,
+                  **kwargs) -> PotentialCalculator:
         """Load a model file written at the end of training (``<run dir>/model.pt``).
 
         ``cutoff`` (Å), when given, must be the model's training cutoff (see :func:`potentials.export.load`);
-        ``kernels``, when given, replaces the file's choice of implementation (see :mod:`potentials.accel`).
+        ``kernels``, when given, replaces the file's choice of implementation (see :mod:`potentials.accel`);
+        ``compile``, when given, the file's ``runtime.compile`` (``torch.compile``; docs/performance.md).
         ``zbl`` (True/False), ``dispersion`` (``"d3bj"`` or None) and ``functional`` (e.g. ``"pbe"``), when given,
         switch physics terms on at inference (:mod:`potentials.physics`); switching off or changing a term the
         model was trained with raises :class:`~potentials.errors.PotentialsInputError`.
         """
         from potentials.export import load
 
-        potential = load(path, device=device, dtype=dtype, cutoff=cutoff)
+        potential = load(path, device=device, dtype=dtype, cutoff=cutoff, compile=compile)
         if kernels is not None:
             potential.kernels = accel.backends.check(kernels)
         if zbl is not None or dispersion != KEEP or functional is not None:

@@ -237,7 +237,8 @@ def write_report(pred: Predictions, out_dir: str | os.PathLike, *, free_atoms_on
 
 def evaluate_file(model: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike, *,
                   device: str = "cpu", dtype: str = "float32", batch_size: int = 16, free_atoms_only: bool = False,
-                  progress: bool = False, kernels: str | None = None, **read_options: Any
+                  progress: bool = False, kernels: str | None = None, compile: bool | None = None,
+                  **read_options: Any
                   ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Evaluate the model file ``model`` on the labelled structures in ``data``; write the report to ``out_dir``.
 
@@ -250,13 +251,14 @@ def evaluate_file(model: str | os.PathLike, data: str | os.PathLike, out_dir: st
         free_atoms_only: leave atoms held fixed (FixAtoms, OC20's subsurface) out of the force metrics.
         progress: show a progress bar.
         kernels: replaces the file's choice of implementation when given (see :mod:`potentials.accel`).
+        compile: replaces the file's ``runtime.compile`` when given (``torch.compile``; docs/performance.md).
 
     Returns:
         (metrics, written files by name).
     """
     from potentials.export import load
 
-    potential = load(model, device=device, dtype=dtype)
+    potential = load(model, device=device, dtype=dtype, compile=compile)
     potential.kernels = kernels or potential.kernels
     frames = read_labelled(data, **read_options)
     if not frames:

@@ -6,7 +6,7 @@ sections (format 3)::
     {"format_version": 3, "package_version": "0.1.0", "units": {"energy": "eV", ...},
      "model":     {"config": <Hydra config, _target_ names the class>, "state": <state_dict>},
      "potential": {"cutoff": Å, "atomic_energies": {z: eV}, "scale": float, "shift": eV, "elements": [z, ...]},
-     "runtime":   {"kernels": "auto"},
+     "runtime":   {"kernels": "auto", "compile": false},
      "physics":   {"zbl": false, "dispersion": null | "d3bj", "functional": "pbe", ...},
      "training":  {<provenance of the run: data set, test metrics>},
      "ensemble":  {"kind": "committee" | "shallow", "size": N, "calibration": {"energy": s, "forces": s},
@@ -26,10 +26,10 @@ EquiformerV2's grids) and the weights are the EMA weights when training used EMA
 
 The one rule: **a missing section or key means the behaviour of the version that wrote the file.**  A reader
 therefore takes, for every section and key it reads, the default that reproduces files written without it: no
-``runtime`` section means ``kernels="auto"``; formats 1 and 2 (flat keys ``model_config``, ``model_state``,
-``cutoff``, …, ``extra``) are read into the same sections; and the model class upgrades the config of an older
-file itself (``EnergyModel.upgrade_config``, e.g. EquiformerV2's format-1 grids).  Keys that every version wrote
-(the model config and weights, cutoff, reference energies, scale, shift) are required.
+``runtime`` section means ``kernels="auto"`` and ``compile=False``; formats 1 and 2 (flat keys ``model_config``,
+``model_state``, ``cutoff``, …, ``extra``) are read into the same sections; and the model class upgrades the config
+of an older file itself (``EnergyModel.upgrade_config``, e.g. EquiformerV2's format-1 grids).  Keys that every
+version wrote (the model config and weights, cutoff, reference energies, scale, shift) are required.
 
 Sections the reader does not know are not an error: they are kept, as written, in ``potential.metadata`` under
 their name.  To add a section (e.g. ``"lineage"`` for fine-tuning, ``"physics"`` for ZBL/D3, ``"ensemble"``):
@@ -126,7 +126,7 @@ def _potential_sections(potential: Potential, model_config: dict[str, Any]) -> d
             "shift": float(potential.shift),
             "elements": potential.elements,
         },
-        "runtime": {"kernels": potential.kernels},
+        "runtime": {"kernels": potential.kernels, "compile": potential.compiled},
         "physics": potential.physics.to_section(),
     }
 
@@ -174,7 +174,7 @@ def _physics(path: Path, section: dict[str, Any] | None):
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
-         cutoff: float | None = None) -> Potential | EnsemblePotential:
+         cutoff: float | None = None, compile: bool | None = None) -> Potential | EnsemblePotential:
     """Load a file written by :func:`save` as a :class:`Potential` in eval mode on ``device`` with ``dtype``.
 
     ``potential.metadata`` holds ``format_version``, ``package_version``, ``units``, ``elements``, ``model_config``
@@ -188,6 +188,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         device, dtype: where and in which precision to run it.
         cutoff: the neighbour radius (Å) the caller means to use; it must be the one the model was trained with
             (None takes that one).
+        compile: run the model through ``torch.compile`` (:class:`Potential`'s ``compile``); None takes the
+            file's ``runtime.compile`` (false when absent).
 
     Raises:
         FileNotFoundError: no such file.
@@ -240,11 +242,13 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str
         "model_config": config,
         "training": training,
         "extra": training,
-        "runtime": {"kernels": "auto", **(sections.get("runtime") or {})},
+        "runtime": {"kernels": "auto", "compile": False, **(sections.get("runtime") or {})},
         "physics": potential.physics.to_section(),
         **({"ensemble": {k: v for k, v in ensemble.items() if k != "members"}} if ensemble else {}),
         **{k: v for k, v in sections.items() if k not in SECTIONS},
     }
+    if compile is not None:
+        potential.compiled = bool(compile)
     return potential.to(device=device, dtype=dtype).eval()
 
 
@@ -265,10 +269,12 @@ def _build(path: Path, sections: dict[str, Any], version: int, ensemble: dict[st
     except RuntimeError as err:
         raise PotentialsInputError(f"{path}: the weights do not fit the model its config describes: {err}") from err
     atomic_energies = {int(k): float(v) for k, v in _required(path, sections, "potential", "atomic_energies").items()}
-    runtime = {"kernels": "auto", **(sections.get("runtime") or {})}
+    runtime = {"kernels": "auto", "compile": False, **(sections.get("runtime") or {})}
     if runtime["kernels"] not in KERNELS:
         raise PotentialsInputError(f"{path}: runtime.kernels is {runtime['kernels']!r}, this version knows "
                                    f"{', '.join(map(repr, KERNELS))}; upgrade potentials")
+    if not isinstance(runtime["compile"], bool):
+        raise PotentialsInputError(f"{path}: runtime.compile is {runtime['compile']!r}, expected true or false")
     potential = Potential(
         model,
         cutoff=float(_required(path, sections, "potential", "cutoff")),
@@ -277,5 +283,6 @@ def _build(path: Path, sections: dict[str, Any], version: int, ensemble: dict[st
         shift=_required(path, sections, "potential", "shift"),
         kernels=runtime["kernels"],
         physics=_physics(path, sections.get("physics")),
+        compile=runtime["compile"],
     )
     return potential, config

@@ -10,12 +10,21 @@ This is the one place where forces and stress are derived, for every model famil
 4. forces = −∂E/∂r (eV/Å), virial W = −∂E/∂ε (eV), stress σ = (1/V)·∂E/∂ε (eV/Å³, ASE sign).
 
 Stress is NaN for structures that are not periodic in every direction.
+
+With ``compile=True`` the model's forward pass (step 3's network part) runs through ``torch.compile`` whenever
+the derivatives are not kept (inference, validation: ``create_graph=False``); forces and stress are then the
+autograd derivatives through the compiled graph, whose backward pass the compiler builds too.  Training steps, which
+differentiate the forces once more, run the model eagerly: PyTorch cannot differentiate a compiled backward pass
+(docs/performance.md).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import os
+import time
 from collections.abc import Mapping
 
 import torch
@@ -28,9 +37,30 @@ from potentials.neighbors import edge_vectors
 from potentials.nn import grad_scope
 from potentials.physics import PhysicsConfig, PhysicsTerms
 
+log = logging.getLogger(__name__)
+
 NUM_Z = 119
 #: Implementations of the hot operations a potential may run on (see ``Potential``'s ``kernels`` argument).
 KERNELS = ("auto", "torch", "cpu")
+
+
+def compile_backend() -> str:
+    """The ``torch.compile`` backend of compiled potentials: ``POTENTIALS_COMPILE_BACKEND``, else ``"inductor"``
+    (``"aot_eager"`` traces the same graphs without generating code: quick, for checks)."""
+    return os.environ.get("POTENTIALS_COMPILE_BACKEND", "").strip() or "inductor"
+
+
+def _root_cause(err: BaseException) -> str:
+    """``Type: first line`` of the innermost cause of ``err`` (the compiler wraps the error that stopped it)."""
+    seen = {id(err)}
+    while True:
+        inner = getattr(err, "inner_exception", None) or err.__cause__
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        err = inner
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def _scatter_sum(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
@@ -52,6 +82,9 @@ class Potential(nn.Module):
         kernels: implementation of the hot operations: ``"auto"`` (the fastest available on the device),
             ``"torch"`` (plain PyTorch operations, the reference) or ``"cpu"`` (the package's compiled CPU
             kernels); saved in model files, see :mod:`potentials.accel`.
+        compile: run the model through ``torch.compile`` where no graph of the derivatives is kept (inference,
+            validation); the compiled graph uses the reference operations in place of the CPU kernels.  A model
+            the compiler cannot handle runs eagerly after a warning.  Saved in model files.
     """
 
     def __init__(
@@ -63,6 +96,7 @@ class Potential(nn.Module):
         shift: float = 0.0,
         kernels: str = "auto",
         physics: PhysicsConfig | Mapping | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, EnergyModel):
@@ -80,6 +114,8 @@ class Potential(nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.register_buffer("shift", torch.tensor(float(shift)))
         self.physics = physics
+        self.compiled = compile
+        self._compiled_model = None  # built on the first call that uses it
 
     @property
     def physics(self) -> PhysicsConfig:
@@ -106,6 +142,52 @@ class Potential(nn.Module):
         if value not in KERNELS:
             raise PotentialsInputError(f"kernels must be one of {', '.join(map(repr, KERNELS))}, got {value!r}")
         self._kernels = value
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the model runs through ``torch.compile`` where no derivative graph is kept (``compile``)."""
+        return self._compile
+
+    @compiled.setter
+    def compiled(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise PotentialsInputError(f"compile must be true or false, got {value!r}")
+        self._compile = value
+
+    def __getstate__(self) -> dict:
+        # copies and pickles leave the compiled function behind (a copy compiles its own on first use)
+        state = super().__getstate__().copy()
+        state["_compiled_model"] = None
+        return state
+
+    def _run_model(self, data, derivatives_only: bool):
+        """The model's output for ``data``: compiled (``compiled`` set, no derivative graph kept) or eager."""
+        if not (self._compile and derivatives_only):
+            return self.model(data)
+        first = self._compiled_model is None
+        if first:
+            self.__dict__["_compiled_model"] = torch.compile(self.model, dynamic=True, backend=compile_backend())
+        # the weights enter as constants: the compiled backward pass computes position and strain derivatives only
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        start = time.perf_counter()
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            out = self._compiled_model(data)
+        except Exception as err:  # noqa: BLE001 - any failure of the compiler: run eagerly (a real error recurs there)
+            log.warning("torch.compile failed for %s, running it without compiling (same results, no speed-up): %s",
+                        type(self.model).__name__, _root_cause(err))
+            self.compiled = False
+            out = None
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+        if out is None:
+            return self.model(data)
+        if first:
+            log.info("torch.compile: %s compiled in %.1f s (its first call, on %d atoms)", type(self.model).__name__,
+                     time.perf_counter() - start, data.pos.shape[0])
+        return out
 
     @property
     def elements(self) -> list[int]:
@@ -179,7 +261,7 @@ class Potential(nn.Module):
             # small steps on one thread where OpenMP threads sleep between operations (potentials.accel.threads)
             with accel.backend(self.kernels), accel.small_steps_serial(derivatives_only):
                 with grad_scope.inputs_only(derivatives_only):
-                    out = self.model(data)
+                    out = self._run_model(data, derivatives_only)
                 direct_forces = heads = None
                 if isinstance(out, Mapping):
                     direct_forces = out.get(keys.FORCES)

@@ -89,7 +89,7 @@ class EnsemblePotential(nn.Module):
             ``forces_std`` and ``stress_std``); 1 when missing.
 
     It offers what code that runs a :class:`Potential` reads (``cutoff``, ``elements``, ``check_elements``,
-    ``kernels``, ``physics``, ``scale``); ``forward`` returns the members' mean under the usual keys plus
+    ``kernels``, ``compiled``, ``physics``, ``scale``); ``forward`` returns the members' mean under the usual keys plus
     ``energy_std``, ``forces_std``, ``stress_std`` and ``energy_members`` [B, M].
     """
 
@@ -144,6 +144,15 @@ class EnsemblePotential(nn.Module):
     def kernels(self, value: str) -> None:
         for m in self.members:
             m.kernels = value
+
+    @property
+    def compiled(self) -> bool:
+        return self.members[0].compiled
+
+    @compiled.setter
+    def compiled(self, value: bool) -> None:
+        for m in self.members:
+            m.compiled = value
 
     @property
     def physics(self):

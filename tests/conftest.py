@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 #: The real-data samples the tests read (tests/data: each folder has its PROVENANCE.md with source and licence).
 TEST_DATA = Path(__file__).resolve().parent / "data"
+#: Where the device-aware suites (tests/test_model_contract.py) run their models: ``POTENTIALS_TEST_DEVICE``
+#: (cpu when unset; scripts/gpu_check.sh sets cuda).
+TEST_DEVICE = torch.device(os.environ.get("POTENTIALS_TEST_DEVICE", "").strip() or "cpu")
 
 
 @pytest.fixture(scope="session")

@@ -76,7 +76,7 @@ def test_every_family_round_trips_in_sections(tmp_path, name):
     assert payload["model"]["state"].keys() == potential.model.state_dict().keys()
     assert payload["potential"] == {"cutoff": CUTOFF, "atomic_energies": pytest.approx(E0), "scale": pytest.approx(1.7),
                                     "shift": pytest.approx(0.3), "elements": [13, 29]}
-    assert payload["runtime"] == {"kernels": "auto"} and payload["training"] == {"data": "emt"}
+    assert payload["runtime"] == {"kernels": "auto", "compile": False} and payload["training"] == {"data": "emt"}
     loaded = load(path, dtype="float64")
     assert type(loaded.model) is type(potential.model) and loaded.kernels == "auto"
     _assert_same(_outputs(loaded), _outputs(potential))
@@ -88,7 +88,8 @@ def test_format_2_files_load_and_give_the_same_results(tmp_path, name):
     _save_format_2(potential, tmp_path / "v2.pt", config(name, CUTOFF), extra={"data": "emt", "test": {"mae": 1.0}})
     old = load(tmp_path / "v2.pt", dtype="float64")
     _assert_same(_outputs(old), _outputs(potential))
-    assert old.kernels == "auto"  # no runtime section: the behaviour of the version that wrote it
+    # no runtime section: the behaviour of the version that wrote it
+    assert old.kernels == "auto" and old.compiled is False
     # potential.metadata keeps what it gave for format 2 files
     meta = old.metadata
     assert meta["format_version"] == 2 and meta["package_version"] == "0.1.0" and meta["units"] == UNITS
@@ -143,9 +144,9 @@ def test_kernels_round_trip_and_bad_values_are_refused(tmp_path):
     assert potential.kernels == "torch"
     path = save(potential, tmp_path / "model.pt", config("egnn", CUTOFF))
     payload = torch.load(path, weights_only=True)
-    assert payload["runtime"] == {"kernels": "torch"}
+    assert payload["runtime"] == {"kernels": "torch", "compile": False}
     loaded = load(path)
-    assert loaded.kernels == "torch" and loaded.metadata["runtime"] == {"kernels": "torch"}
+    assert loaded.kernels == "torch" and loaded.metadata["runtime"] == {"kernels": "torch", "compile": False}
     loaded.kernels = "cpu"
     assert load(save(loaded, tmp_path / "cpu.pt", config("egnn", CUTOFF))).kernels == "cpu"
     with pytest.raises(PotentialsInputError, match=r"kernels must be one of 'auto', 'torch', 'cpu', got 'cuda'"):
@@ -158,6 +159,9 @@ def test_kernels_round_trip_and_bad_values_are_refused(tmp_path):
         load(tmp_path / "later.pt")
     torch.save({**payload, "runtime": {}}, tmp_path / "no_kernels.pt")  # a missing key: the default
     assert load(tmp_path / "no_kernels.pt").kernels == "auto"
+    torch.save({**payload, "runtime": {"kernels": "auto", "compile": "yes"}}, tmp_path / "bad_compile.pt")
+    with pytest.raises(PotentialsInputError, match=r"bad_compile.pt: runtime.compile is 'yes', expected true or false"):
+        load(tmp_path / "bad_compile.pt")
 
 
 def test_a_damaged_file_names_what_it_lacks(tmp_path):

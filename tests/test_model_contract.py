@@ -1,4 +1,7 @@
-"""The contract every model family must pass (float64), through Potential and the ASE calculator."""
+"""The contract every model family must pass (float64), through Potential and the ASE calculator.
+
+On the device ``POTENTIALS_TEST_DEVICE`` names (default cpu; scripts/gpu_check.sh runs it with cuda).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from potentials.calculator import PotentialCalculator
 from potentials.graph import AtomicGraph
 from potentials.models.base import EnergyModel
 from potentials.potential import Potential
+from tests.conftest import TEST_DEVICE
 from tests.model_zoo import MODELS
 
 CUTOFF = 4.0
@@ -27,7 +31,7 @@ def potential(request) -> Potential:
     torch.manual_seed(0)
     model = MODELS[request.param](CUTOFF)
     # random but non-trivial scale/shift exercise the wrapper
-    return Potential(model, CUTOFF, atomic_energies=E0, scale=1.7, shift=0.3).double().eval()
+    return Potential(model, CUTOFF, atomic_energies=E0, scale=1.7, shift=0.3).double().to(TEST_DEVICE).eval()
 
 
 def test_states_the_contract(potential):
@@ -63,8 +67,8 @@ def _slab() -> ase.Atoms:
 
 def _evaluate(potential: Potential, *structures: ase.Atoms, stress: bool = True) -> dict:
     batch = Batch.from_data_list([AtomicGraph.from_atoms(a, CUTOFF, dtype=torch.float64) for a in structures])
-    out = potential(batch, compute_forces=True, compute_stress=stress)
-    return {k: v.detach().numpy() for k, v in out.items()}
+    out = potential(batch.to(TEST_DEVICE), compute_forces=True, compute_stress=stress)
+    return {k: v.detach().cpu().numpy() for k, v in out.items()}
 
 
 def _rotated(atoms: ase.Atoms, rot: np.ndarray) -> ase.Atoms:
@@ -159,7 +163,7 @@ def test_finite_difference_forces(potential, make):
 def test_ase_gradient_test_forces_and_stress(potential):
     """ASE's own finite-difference check on a FrechetCellFilter: atom forces and the cell (stress) degrees."""
     atoms = _bulk()
-    atoms.calc = PotentialCalculator(potential, dtype="float64")
+    atoms.calc = PotentialCalculator(potential, device=TEST_DEVICE, dtype="float64")
     f, fn = gradient_test(FrechetCellFilter(atoms))
     assert np.abs(f).max() > 1e-3  # the check is not vacuous
     np.testing.assert_allclose(f, fn, atol=1e-5 * max(1.0, np.abs(f).max()))

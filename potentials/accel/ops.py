@@ -11,7 +11,9 @@ round-off).  ``op.reference`` is the plain version whatever the choice.
 * :func:`rotate_back_sum`: edge-frame messages rotated back and summed into their centres.
 
 The first two are chunked autograd functions: the grid values of all rows never exist at once, in the forward
-pass or in the backward pass, which recomputes them chunk by chunk.
+pass or in the backward pass, which recomputes them chunk by chunk.  Under ``torch.compile`` they are plain
+unchunked products instead (a chunk count would tie the compiled graph to one size), and the compiled backends
+here are not called (the compiler cannot trace them).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def dispatched(reference: Callable) -> Callable:
 
     @functools.wraps(reference)
     def run(*args, **kwargs):
+        if torch.compiler.is_compiling():  # the compiler traces the reference (it cannot see into the kernels)
+            return reference(*args, **kwargs)
         floats = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
         compiled = implementation(name, *floats)
         return (compiled or reference)(*args, **kwargs)
@@ -46,6 +50,8 @@ def dispatched(reference: Callable) -> Callable:
 @dispatched
 def s2_activation(x: torch.Tensor, synthesis: torch.Tensor, analysis: torch.Tensor) -> torch.Tensor:
     """out[b] = A · SiLU(S · x[b]) for x [B, K, C], synthesis S [G, K] (to the grid), analysis A [K', G] (back)."""
+    if torch.compiler.is_compiling():  # unchunked: the number of chunks depends on B, a graph would for every B
+        return torch.matmul(analysis, torch.nn.functional.silu(torch.matmul(synthesis, x)))
     return GridSiLU.apply(x, synthesis, analysis)
 
 
@@ -53,6 +59,9 @@ def s2_activation(x: torch.Tensor, synthesis: torch.Tensor, analysis: torch.Tens
 def grid_mlp_core(h: torch.Tensor, synthesis: torch.Tensor, analysis: torch.Tensor, weight: torch.Tensor
                   ) -> torch.Tensor:
     """out[b] = A · SiLU(SiLU(S · h[b]) · Wᵀ) for h [B, K, C], weight W [C, C]: [B, K', C]."""
+    if torch.compiler.is_compiling():  # unchunked, as in s2_activation
+        silu = torch.nn.functional.silu
+        return torch.matmul(analysis, silu(torch.matmul(silu(torch.matmul(synthesis, h)), weight.T)))
     return GridMLPCore.apply(h, synthesis, analysis, weight)
 
 

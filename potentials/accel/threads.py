@@ -91,6 +91,8 @@ def enter(x: torch.Tensor, values: int | None = None) -> torch.Tensor:
     Inside :func:`small_steps_serial` this switches to one thread for small steps and back to the caller's count
     for large ones (both ways again in the backward pass); elsewhere it returns ``x`` itself.
     """
+    if torch.compiler.is_compiling():  # a compiled graph runs as one step: no thread switches inside it
+        return x
     state = getattr(_local, "state", None)
     if state is None or x.device.type != "cpu":
         return x

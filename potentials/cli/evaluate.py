@@ -39,7 +39,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         metrics, files = evaluate_file(
             args.model, args.data, args.out, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-            kernels=args.kernels, free_atoms_only=args.free_atoms_only, progress=not args.no_progress, index=args.index,
+            kernels=args.kernels, compile=args.compile, free_atoms_only=args.free_atoms_only,
+            progress=not args.no_progress, index=args.index,
             energy_unit=args.energy_unit, energy_key=args.energy_key, forces_key=args.forces_key,
             stress_key=args.stress_key,
         )

@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise SystemExit(f"error: {err}") from None
     try:
-        potential = load(args.model, device=args.device, dtype=args.dtype)
+        potential = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
     except (FileNotFoundError, PotentialsInputError) as err:
         raise SystemExit(f"error: {err}") from None
     if args.kernels is not None:

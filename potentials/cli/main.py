@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     tune_allocator()
+    if getattr(args, "tf32", False):  # the tools with runtime options (potentials.cli.options)
+        from potentials.accel.precision import configure_tf32
+
+        configure_tf32(True, args.device, args.dtype)
     return int(args.func(args) or 0)
 
 

@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     calc = PotentialCalculator.from_file(args.model, device=args.device, dtype=args.dtype,
-                                           kernels=args.kernels)
+                                           kernels=args.kernels, compile=args.compile)
     settings = {"model": str(args.model), "structure": str(structure), "formula": atoms.get_chemical_formula(),
                 "ensemble": args.ensemble, "temperature_K": args.temperature, "timestep_fs": args.timestep,
                 "seed": args.seed, "dtype": args.dtype}
@@ -139,7 +139,7 @@ def main_many(args: argparse.Namespace, batched: bool) -> int:
     if not len(found):
         raise SystemExit(f"error: no readable structure in {', '.join(args.structures)}")
     calc = PotentialCalculator.from_file(args.model, device=args.device, dtype=args.dtype,
-                                           kernels=args.kernels)
+                                           kernels=args.kernels, compile=args.compile)
     if args.max_uncertainty is not None or args.stop_on_uncertainty:
         from potentials.uncertainty import UncertaintyWatch
 

@@ -11,11 +11,16 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_options(p: argparse.ArgumentParser, dtype: str, why: str) -> None:
-    """``--device``, ``--dtype`` (default ``dtype``, for the reason ``why``), ``--kernels`` and ``--no-progress``."""
+    """``--device``, ``--dtype`` (default ``dtype``, for the reason ``why``), ``--kernels``, ``--compile``, ``--tf32``
+    and ``--no-progress``.  ``main`` applies ``--tf32``; the tools pass ``--compile`` (None: the file's) on."""
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--dtype", default=dtype, choices=["float32", "float64"], help=f"precision (default {dtype}: {why})")
     p.add_argument("--kernels", choices=["auto", "torch", "cpu"], default=None,
                    help="implementation of the hot operations (default: the model file's; see potentials.accel)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the model through torch.compile (default: the model file's; docs/performance.md)")
+    p.add_argument("--tf32", action="store_true",
+                   help="float32 matrix products in TF32 on CUDA (Ampere+); nothing on CPU or in float64")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -94,7 +94,8 @@ def _load(args: argparse.Namespace):
     from potentials.calculator import PotentialCalculator
 
     atoms = read_one_structure(args.structure, args.index)
-    calc = PotentialCalculator.from_file(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels)
+    calc = PotentialCalculator.from_file(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels,
+                                           compile=args.compile)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"model": str(args.model), "structure": str(args.structure), "dtype": args.dtype}

@@ -70,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
     if (args.batch_size is not None and args.batch_size < 1) or (args.max_atoms is not None and args.max_atoms < 1):
         raise SystemExit("error: --batch-size and --max-atoms must be positive")
     calc = PotentialCalculator.from_file(args.model, device=args.device, dtype=args.dtype,
-                                           kernels=args.kernels)
+                                           kernels=args.kernels,
+                                           compile=args.compile)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names, structures = list(found.names), list(found.structures)

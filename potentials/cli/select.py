@@ -38,7 +38,8 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         frames = read_structures(args.frames, args.index)
-        calc = PotentialCalculator.from_file(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels)
+        calc = PotentialCalculator.from_file(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels,
+                                           compile=args.compile)
         scores = frame_scores(frames, calc)
         chosen = select_frames(frames, scores, args.n, args.min_distance)
     except (FileNotFoundError, ValueError, PotentialsInputError) as err:

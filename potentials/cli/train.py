@@ -46,7 +46,8 @@ def train(cfg: DictConfig) -> None:
     if not summary.get("_global_zero", True):
         return  # under DDP, rank 0 reports
     if cfg.demo_relax and summary.get("model"):
-        summary["demo_relax"] = demo_relax(summary["model"], summary["_demo_atoms"], cfg)
+        summary["demo_relax"] = demo_relax(summary["model"], summary["_demo_atoms"], cfg,
+                                           device=summary.get("_device", "cpu"))
     print_summary(summary)
 
 

@@ -31,4 +31,6 @@ def inputs_only(active: bool = True):
 
 def parameter(weight: torch.Tensor) -> torch.Tensor:
     """``weight``, detached inside :func:`inputs_only` (for passing a parameter to a custom autograd Function)."""
+    if torch.compiler.is_compiling():  # compiled graphs compute only the gradients asked for anyway
+        return weight
     return weight.detach() if getattr(_local, "inputs_only", False) else weight

@@ -10,15 +10,16 @@ import numpy as np
 from potentials.training.metrics import UNITS
 
 
-def demo_relax(model_path: str, atoms, cfg) -> dict[str, Any]:
-    """Rattle a held-out structure by 0.1 Å and relax it with the exported model through ASE."""
+def demo_relax(model_path: str, atoms, cfg, device: str = "cpu") -> dict[str, Any]:
+    """Rattle a held-out structure by 0.1 Å and relax it with the exported model through ASE on ``device`` (the
+    device training ran on)."""
     from potentials.calculator import PotentialCalculator
     from potentials.relax import relax
 
     atoms = atoms.copy()
     atoms.calc = None
     atoms.rattle(0.1, seed=cfg.seed)
-    calc = PotentialCalculator.from_file(model_path, dtype=cfg.dtype)
+    calc = PotentialCalculator.from_file(model_path, device=device, dtype=cfg.dtype)
     result = relax(atoms, calc, fmax=0.05, steps=300, optimizer="FIRE")
     return {"formula": atoms.get_chemical_formula(), "converged": result.converged, "steps": result.steps,
             "energy_before_eV": result.initial_energy, "energy_after_eV": result.final_energy,

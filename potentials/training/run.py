@@ -18,6 +18,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from potentials.accel.precision import configure_tf32
 from potentials.datasets.stats import compute_stats
 from potentials.errors import PotentialsInputError
 from potentials.models.base import EnergyModel
@@ -108,7 +109,7 @@ def build(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[L.Lightn
         raise PotentialsInputError(f"model.cutoff={model_cutoff} Å differs from cutoff={cfg.cutoff} Å, the radius the "
                                    "neighbour lists are built with; set the top-level cutoff only")
     potential = Potential(model, cfg.cutoff, atomic_energies=stats.atomic_energies, scale=stats.force_rms,
-                          kernels=cfg.kernels, physics=physics)
+                          kernels=cfg.kernels, physics=physics, compile=bool(cfg.get("compile", False)))
     potential = potential.to(dtype)
     t = cfg.training
     loss = ensemble.wrap_loss(instantiate(t.loss), cfg)  # the heads' NLL term of a shallow ensemble
@@ -136,6 +137,7 @@ def _finetune_module(cfg: DictConfig, dm, model: EnergyModel, base, physics: Phy
     ft = cfg.finetune
     elements = [int(z) for z in cfg.data_stats.atomic_energies]
     potential, new = finetune.init_potential(model, base, elements, kernels=cfg.kernels, physics=physics)
+    potential.compiled = bool(cfg.get("compile", False))
     potential = potential.to(dtype)
     if new:
         from ase.data import chemical_symbols
@@ -200,6 +202,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())  # every checkpoint written atomically: a kill never leaves half a file
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, plugins=plugins, **_cpu_determinism(cfg))
+    configure_tf32(bool(cfg.get("tf32", False)), trainer.strategy.root_device, cfg.dtype)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     if rank_zero_only.rank == 0:  # before fit, the launcher's environment knows the rank; the trainer may not
@@ -242,6 +245,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
         summary["model"] = str(path)
     demo_split = "test" if dm.splits["test"] else "train"
     summary["_demo_atoms"] = dm.splits[demo_split][0].to_atoms()
+    summary["_device"] = str(trainer.strategy.root_device)  # where the demo relaxation runs
     if trainer.is_global_zero:
         public = {k: v for k, v in summary.items() if not k.startswith("_")}
         (run_dir / "metrics.json").write_text(json.dumps(public, indent=2))
