@@ -21,7 +21,12 @@ import json
 import sys
 from pathlib import Path
 
-from potentials.cli.options import add_model_argument, add_runtime_options, read_one_structure
+from potentials.cli.options import (
+    add_model_argument,
+    add_runtime_options,
+    collect_structures_or_exit,
+    read_one_structure,
+)
 from potentials.errors import PotentialsInputError
 from potentials.md import BAROSTATS, ENSEMBLES, THERMOSTATS
 
@@ -118,7 +123,6 @@ def main_many(args: argparse.Namespace, batched: bool) -> int:
     from potentials.calculator import PotentialCalculator
     from potentials.md import run_md, write_outputs
     from potentials.relax import check_structure
-    from potentials.structure_io import collect_structures
 
     if args.index is not None:
         raise SystemExit("error: --index picks a frame of one structure file; with several files or --batch-size "
@@ -130,14 +134,7 @@ def main_many(args: argparse.Namespace, batched: bool) -> int:
         if args.ensemble == "npt":
             raise SystemExit("error: --batch-size integrates NVE and NVT; NPT changes each cell and runs one "
                              "structure at a time: drop --batch-size/--max-atoms")
-    try:
-        found = collect_structures(args.structures)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
-    for path, reason in found.skipped:
-        print(f"skipped {path}: {reason.splitlines()[0][:200]}", file=sys.stderr)
-    if not len(found):
-        raise SystemExit(f"error: no readable structure in {', '.join(args.structures)}")
+    found = collect_structures_or_exit(args.structures)
     calc = PotentialCalculator.from_file(args.model, device=args.device, dtype=args.dtype,
                                            kernels=args.kernels, compile=args.compile)
     if args.max_uncertainty is not None or args.stop_on_uncertainty:

@@ -37,3 +37,21 @@ def read_one_structure(path: str, index: str):
         return read_structures(path, number)[0]
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
+
+
+def collect_structures_or_exit(paths: list[str]):
+    """Every structure in the files and folders ``paths`` (a :class:`~potentials.structure_io.StructureSet`); an
+    unreadable file is listed on stderr and skipped, and no readable structure at all exits with an error."""
+    import sys
+
+    from potentials.structure_io import collect_structures
+
+    try:
+        found = collect_structures(paths)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    for path, reason in found.skipped:
+        print(f"skipped {path}: {reason.splitlines()[0][:200]}", file=sys.stderr)
+    if not len(found):
+        raise SystemExit(f"error: no readable structure in {', '.join(paths)}")
+    return found

@@ -17,9 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-from potentials.cli.options import add_model_argument, add_runtime_options
+from potentials.cli.options import add_model_argument, add_runtime_options, collect_structures_or_exit
 from potentials.relax import OPTIMIZERS, relax
-from potentials.structure_io import WRITE_FORMATS, collect_structures, write_structure
+from potentials.structure_io import WRITE_FORMATS, write_structure
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,14 +54,7 @@ def main(args: argparse.Namespace) -> int:
 
     from potentials.calculator import PotentialCalculator
 
-    try:
-        found = collect_structures(args.structures)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
-    for path, reason in found.skipped:
-        print(f"skipped {path}: {reason.splitlines()[0][:200]}", file=sys.stderr)
-    if not len(found):
-        raise SystemExit(f"error: no readable structure in {', '.join(args.structures)}")
+    found = collect_structures_or_exit(args.structures)
     batched = args.batch_size is not None or args.max_atoms is not None
     if batched and args.max_uncertainty is not None:
         raise SystemExit("error: --max-uncertainty watches one structure at a time; drop --batch-size/--max-atoms")
