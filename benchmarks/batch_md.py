@@ -25,7 +25,7 @@ import ase
 import numpy as np
 import torch
 
-from benchmarks.batch_relax import MODEL_CONFIG, fit_model, large_structures, small_structures
+from benchmarks.batch_relax import benchmark_model, large_structures, small_structures
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -101,14 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    if args.model:
-        model_path, model_name = Path(args.model), f"`{args.model}`"
-    else:
-        import tempfile
-
-        model_path = fit_model(Path(tempfile.mkdtemp()) / "cu.pt")
-        model_name = (f"EGNN ({MODEL_CONFIG['channels']} channels, {MODEL_CONFIG['num_layers']} layers, "
-                      f"cutoff {MODEL_CONFIG['cutoff']} Å) fitted to EMT Cu")
+    model_path, model_name = benchmark_model(args.model)
     calc = PotentialCalculator.from_file(model_path, dtype="float64", device=args.device)
     (n_small, s_small), (n_large, s_large) = ((16, 20), (2, 5)) if args.quick else ((64, 100), (4, 20))
     rows = {

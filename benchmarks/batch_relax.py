@@ -143,6 +143,17 @@ def write_report(info: dict, rows: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def benchmark_model(path: str | None) -> tuple[Path, str]:
+    """The model file to measure and its description: ``path`` when given, else a small EGNN fitted to EMT Cu."""
+    if path:
+        return Path(path), f"`{path}`"
+    import tempfile
+
+    return fit_model(Path(tempfile.mkdtemp()) / "cu.pt"), (
+        f"EGNN ({MODEL_CONFIG['channels']} channels, {MODEL_CONFIG['num_layers']} layers, "
+        f"cutoff {MODEL_CONFIG['cutoff']} Å) fitted to EMT Cu")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model.pt that knows Cu (default: fit a small EGNN to EMT Cu)")
@@ -156,14 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    if args.model:
-        model_path, model_name = Path(args.model), f"`{args.model}`"
-    else:
-        import tempfile
-
-        model_path = fit_model(Path(tempfile.mkdtemp()) / "cu.pt")
-        model_name = (f"EGNN ({MODEL_CONFIG['channels']} channels, {MODEL_CONFIG['num_layers']} layers, "
-                      f"cutoff {MODEL_CONFIG['cutoff']} Å) fitted to EMT Cu")
+    model_path, model_name = benchmark_model(args.model)
     calc = PotentialCalculator.from_file(model_path, dtype="float64")
     n_small, n_large = (40, 4) if args.quick else (200, 20)
     rows = {
