@@ -63,6 +63,18 @@ def setup_torch(request: dict):
     return dtype
 
 
+def error_summary(e_err: list, e_atom: list, f_err: list, s_err: list) -> dict:
+    """Mean absolute errors in meV (per structure and per atom), meV/Å and, where ``s_err`` holds anything, meV/Å³,
+    from lists of absolute-error tensors (one per batch)."""
+    import torch
+
+    res = {"e_mae_meV": 1e3 * float(torch.cat(e_err).mean()), "e_mae_meV_atom": 1e3 * float(torch.cat(e_atom).mean()),
+           "f_mae_meV_A": 1e3 * float(torch.cat(f_err).mean())}
+    if s_err:
+        res["s_mae_meV_A3"] = 1e3 * float(torch.cat(s_err).mean())
+    return res
+
+
 def time_steps(step: Callable[[], object], warmup: int, steps: int) -> list[float]:
     """Call ``step`` ``warmup`` times untimed, then ``steps`` times; return each timed call's seconds."""
     for _ in range(warmup):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ase.io
 import numpy as np
 import torch
-from _common import CLIP_GRAD_NORM, STRESS_WEIGHT, loss_weights, setup_torch, train_for_budget, versions
+from _common import CLIP_GRAD_NORM, STRESS_WEIGHT, error_summary, loss_weights, setup_torch, train_for_budget, versions
 from mace import data as mace_data
 from mace import modules
 from mace.tools import torch_geometric
@@ -51,11 +51,7 @@ def evaluate(model: torch.nn.Module, loader, stress: bool = False) -> dict:
         f_err.append((out["forces"].detach() - batch.forces).abs().reshape(-1))
         if stress:
             s_err.append((out["stress"].detach() - batch.stress.view(-1, 3, 3)).abs().reshape(-1))
-    res = {"e_mae_meV": 1e3 * float(torch.cat(e_err).mean()), "e_mae_meV_atom": 1e3 * float(torch.cat(e_atom).mean()),
-           "f_mae_meV_A": 1e3 * float(torch.cat(f_err).mean())}
-    if stress:
-        res["s_mae_meV_A3"] = 1e3 * float(torch.cat(s_err).mean())
-    return res
+    return error_summary(e_err, e_atom, f_err, s_err)
 
 
 def _statistics(configs: list, graphs: list, z_table: AtomicNumberTable) -> tuple[np.ndarray, float, float, float]:

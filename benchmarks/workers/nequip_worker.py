@@ -28,6 +28,7 @@ import torch
 from _common import (
     CLIP_GRAD_NORM,
     dispatch,
+    error_summary,
     measure_infer,
     read_frames,
     result,
@@ -187,11 +188,7 @@ def evaluate(model: torch.nn.Module, batches: list[dict], stress: bool) -> dict:
         if stress:
             s_err.append((out[AtomicDataDict.STRESS_KEY].detach().double().reshape(-1, 9)
                           - b[AtomicDataDict.STRESS_KEY].double().reshape(-1, 9)).abs().reshape(-1))
-    res = {"e_mae_meV": 1e3 * float(torch.cat(e_err).mean()), "e_mae_meV_atom": 1e3 * float(torch.cat(e_atom).mean()),
-           "f_mae_meV_A": 1e3 * float(torch.cat(f_err).mean())}
-    if stress:
-        res["s_mae_meV_A3"] = 1e3 * float(torch.cat(s_err).mean())
-    return res
+    return error_summary(e_err, e_atom, f_err, s_err)
 
 
 def train_equal_time(request: dict) -> dict:

@@ -22,6 +22,7 @@ from _common import (
     CLIP_GRAD_NORM,
     STRESS_WEIGHT,
     dispatch,
+    error_summary,
     loss_weights,
     measure_infer,
     read_frames,
@@ -223,11 +224,7 @@ def evaluate(pot: Potential, batches: list[Batch], stress: bool = False) -> dict
         f_err.append((out["forces"].detach() - b.forces).abs().reshape(-1))
         if stress:
             s_err.append((out["stress"].detach() - b.stress.view(-1, 3, 3)).abs().reshape(-1))
-    res = {"e_mae_meV": 1e3 * float(torch.cat(e_err).mean()), "e_mae_meV_atom": 1e3 * float(torch.cat(e_atom).mean()),
-           "f_mae_meV_A": 1e3 * float(torch.cat(f_err).mean())}
-    if stress:
-        res["s_mae_meV_A3"] = 1e3 * float(torch.cat(s_err).mean())
-    return res
+    return error_summary(e_err, e_atom, f_err, s_err)
 
 
 def train_equal_time(request: dict) -> dict:
