@@ -380,3 +380,11 @@ def test_per_dataset_references_fit_both_settings_and_export_the_chosen_one(tmp_
     assert tables["shifted"][29] - tables["plain"][29] == pytest.approx(shift, abs=1e-6)
     assert info["potential"]["atomic_energies"]["Cu"] == pytest.approx(tables["shifted"][29], rel=1e-6)
     assert "references" not in describe(str(tmp_path / "false" / "model.pt"))
+
+
+def test_per_dataset_references_with_init_from_is_refused(tmp_path, data_root, cu_ag_base):
+    cfg = train_config(tmp_path, data_root, *TINY, *_emt_mix("data.per_dataset_references=true"),
+                       f"init_from={cu_ag_base}")
+    with pytest.raises(PotentialsInputError, match=r"per_dataset_references=true with init_from") as err:
+        build(cfg)
+    assert "\n" not in str(err.value)
