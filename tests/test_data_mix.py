@@ -377,8 +377,10 @@ def test_per_dataset_references_fit_both_settings_and_export_the_chosen_one(tmp_
     info = describe(str(tmp_path / "true" / "model.pt"))
     assert info["references"]["dataset"] == "shifted"
     tables = info["references"]["tables"]
-    assert tables["shifted"][29] - tables["plain"][29] == pytest.approx(shift, abs=1e-6)
-    assert info["potential"]["atomic_energies"]["Cu"] == pytest.approx(tables["shifted"][29], rel=1e-6)
+    assert tables["shifted"]["Cu"] - tables["plain"]["Cu"] == pytest.approx(shift, abs=1e-6)
+    assert info["potential"]["atomic_energies"]["Cu"] == pytest.approx(tables["shifted"]["Cu"], rel=1e-6)
+    assert load(tmp_path / "true" / "model.pt").metadata["references"]["tables"]["plain"][29] == pytest.approx(
+        tables["plain"]["Cu"], abs=1e-12)
     assert "references" not in describe(str(tmp_path / "false" / "model.pt"))
 
 
