@@ -22,6 +22,7 @@ import torch
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from potentials.calculator import PotentialCalculator
 from potentials.datasets import emt
 from potentials.datasets.mix import ConcatSplit, MixDataModule, WeightedGlobalBatchSampler
 from potentials.datasets.preprocess import convert
@@ -295,3 +296,143 @@ def test_killed_finetuning_mix_run_resumes_with_the_same_steps(tmp_path, data_ro
         meta = load(tmp_path / name / "model.pt").metadata
         assert meta["lineage"]["base"]["sha256"] == sha
         assert 79 in meta["elements"]
+
+
+# ----------------------------------------------------------------------------------------------- per-dataset references
+
+CU_SHIFT = 0.5  # eV per Cu atom: the second "DFT setting" of the same structures
+
+
+def _two_settings(tmp_path: Path, n: int = 24, cu_shift: float = CU_SHIFT) -> tuple[Path, Path]:
+    """The same EMT structures twice, as extxyz: plain, and with every energy raised by ``cu_shift`` per Cu atom (the
+    offset two DFT settings give each element's reference); forces and stress unchanged."""
+    rng = np.random.default_rng(4)
+    structures = []
+    for k in range(n):  # rattled 8-atom fcc cells of random Cu-Ag-Au composition at Vegard's lattice constant
+        symbols = list(rng.choice(["Cu", "Ag", "Au"], size=8))
+        atoms = ase.build.bulk("Cu", "fcc", a=emt.lattice_constant(symbols), cubic=True).repeat((2, 1, 1))
+        atoms.set_chemical_symbols(symbols)
+        atoms.rattle(0.05, seed=k)
+        structures.append(atoms)
+    paths = []
+    for name, shift in (("plain", 0.0), ("shifted", cu_shift)):
+        frames = []
+        for atoms in structures:
+            atoms = emt.label(atoms.copy(), record=len(frames))
+            results = dict(atoms.calc.results)
+            results["energy"] = results["energy"] + shift * int((atoms.numbers == 29).sum())
+            atoms.calc = SinglePointCalculator(atoms, **results)
+            frames.append(atoms)
+        paths.append(tmp_path / f"{name}.extxyz")
+        ase.io.write(paths[-1], frames)
+    return paths[0], paths[1]
+
+
+def _settings_mix(plain: Path, shifted: Path, *extra: str) -> list[str]:
+    return [*TINY, "data=mix", "+data@data.datasets.plain=ase", f"data.datasets.plain.path={plain}",
+            "+data@data.datasets.shifted=ase", f"data.datasets.shifted.path={shifted}",
+            "data.datasets.plain.split.val=3", "data.datasets.plain.split.test=4",
+            "data.datasets.shifted.split.val=3", "data.datasets.shifted.split.test=4", "data.batch_size=4", *extra]
+
+
+def test_per_dataset_reference_tables_differ_by_the_labels_offset(tmp_path, data_root):
+    """Each dataset's table is the fit on its own training split: the shifted copy's Cu reference is CU_SHIFT higher
+    and the others equal; an element one dataset lacks (Al) takes the pooled value; batches carry the dataset."""
+    plain, shifted = _two_settings(tmp_path)
+    al = _aluminium(tmp_path / "al.extxyz", n=8)
+    cfg = train_config(tmp_path / "run", data_root, *_settings_mix(
+        plain, shifted, "+data@data.datasets.al=ase", f"data.datasets.al.path={al}", "data.datasets.al.split.val=1",
+        "data.datasets.al.split.test=1", "data.per_dataset_references=true", "data.export_references=shifted"))
+    dm, module = build(cfg)
+    tables = {n: {int(z): e for z, e in t.items()} for n, t in cfg.data_stats.reference_tables.items()}
+    pooled = dm.stats.atomic_energies
+    assert set(tables) == {"plain", "shifted", "al"} and all(set(t) == set(pooled) for t in tables.values())
+    assert tables["shifted"][29] - tables["plain"][29] == pytest.approx(CU_SHIFT, abs=1e-6)
+    for z in (47, 79):
+        assert tables["shifted"][z] == pytest.approx(tables["plain"][z], abs=1e-6)
+    own = compute_stats(iter(dm.modules["plain"].splits["train"])).atomic_energies
+    assert tables["plain"][29] == pytest.approx(own[29], abs=1e-9) and tables["plain"][29] != pytest.approx(
+        pooled[29], abs=1e-3)
+    assert tables["plain"][13] == pooled[13] and tables["al"][29] == pooled[29]  # absent: the pooled fit's value
+    # the exported table is the chosen dataset's, and the module moves each structure to its own
+    e0 = module.potential.atomic_energies
+    assert all(float(e0[z]) == pytest.approx(e, rel=1e-6) for z, e in tables["shifted"].items())  # float32 table
+    assert float(module.reference_offsets[0, 29]) == pytest.approx(-CU_SHIFT, abs=1e-6)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.dataset_id.shape == (batch.num_graphs,) and set(batch.dataset_id.tolist()) <= {0, 1, 2}
+    assert [int(next(iter(loader)).dataset_id[0]) for loader in dm.val_dataloader()] == [0, 1, 2]
+
+
+def test_mix_without_per_dataset_references_keeps_one_pooled_table(tmp_path, data_root):
+    """Option off (the default): the pooled table, no dataset tag on the structures, no extra buffer in the
+    checkpoint, no references section in the model file."""
+    plain, shifted = _two_settings(tmp_path, n=12)
+    cfg = train_config(tmp_path / "run", data_root, *_settings_mix(plain, shifted))
+    assert cfg.data.per_dataset_references is False
+    dm, module = build(cfg)
+    assert "reference_tables" not in cfg.data_stats and not hasattr(module, "reference_offsets")
+    assert "reference_offsets" not in module.state_dict()
+    e0 = module.potential.atomic_energies
+    assert all(float(e0[z]) == pytest.approx(e, rel=1e-6) for z, e in dm.stats.atomic_energies.items())
+    assert "dataset_id" not in next(iter(dm.train_dataloader()))
+    assert "dataset_id" not in next(iter(dm.val_dataloader()[0]))
+    with pytest.raises(PotentialsInputError, match=r"export_references='plain' needs data.per_dataset_references"):
+        build(train_config(tmp_path / "run", data_root, *_settings_mix(plain, shifted,
+                                                                       "data.export_references=plain")))
+    with pytest.raises(PotentialsInputError, match=r"export_references='other' is not a dataset.*plain, shifted"):
+        build(train_config(tmp_path / "run", data_root, *_settings_mix(
+            plain, shifted, "data.per_dataset_references=true", "data.export_references=other")))
+
+
+def test_per_dataset_references_fit_both_settings_and_export_the_chosen_one(tmp_path, data_root):
+    """A short training on two settings of the same structures (Cu references 2 eV apart): one pooled table must
+    split the offset between them, so its errors on the two add up to about 2 eV × the Cu fraction per atom; with
+    one table per dataset the error on both is far lower. model.pt predicts the chosen dataset's absolute energies
+    and records every table for `potentials info`."""
+    from potentials.cli.info import describe
+
+    shift = 2.0
+    plain, shifted = _two_settings(tmp_path, cu_shift=shift)
+    common = ["trainer.max_epochs=10", "training.lr=0.02", "data.batch_size=2", "test=true", "export=true",
+              "data.monitor_dataset=shifted"]
+    errors = {}
+    for option in ("false", "true"):
+        run(train_config(tmp_path / option, data_root, *_settings_mix(
+            plain, shifted, *common, f"data.per_dataset_references={option}")))
+        test = json.loads((tmp_path / option / "metrics.json").read_text())["test"]
+        errors[option] = {n: test[f"test/{n}/energy_mae"] for n in ("plain", "shifted")}
+    off, on = errors["false"], errors["true"]
+    assert off["plain"] + off["shifted"] > 0.8 * shift * 1e3 / 3, errors  # meV/atom; a third of the atoms are Cu
+    assert max(on.values()) < 0.25 * max(off.values()) and sum(on.values()) < 0.25 * sum(off.values()), errors
+
+    # export_references defaults to the monitored dataset
+    calc = PotentialCalculator.from_file(tmp_path / "true" / "model.pt", dtype="float64")
+    frames = {n: ase.io.read(p, ":") for n, p in (("plain", plain), ("shifted", shifted))}
+    cu = np.array([int((a.numbers == 29).sum()) for a in frames["shifted"]])
+    predicted = []
+    for atoms in frames["shifted"]:
+        atoms = atoms.copy()
+        atoms.calc = calc
+        predicted.append(atoms.get_potential_energy())
+    predicted = np.array(predicted)
+    own = np.array([a.get_potential_energy() for a in frames["shifted"]])
+    other = np.array([a.get_potential_energy() for a in frames["plain"]])
+    assert np.allclose(own - other, shift * cu) and cu.sum() > 0
+    per_atom = np.array([len(a) for a in frames["shifted"]])
+    assert np.mean(np.abs(predicted - own) / per_atom) < 0.2 * np.mean(np.abs(predicted - other) / per_atom)
+    info = describe(str(tmp_path / "true" / "model.pt"))
+    assert info["references"]["dataset"] == "shifted"
+    tables = info["references"]["tables"]
+    assert tables["shifted"]["Cu"] - tables["plain"]["Cu"] == pytest.approx(shift, abs=1e-6)
+    assert info["potential"]["atomic_energies"]["Cu"] == pytest.approx(tables["shifted"]["Cu"], rel=1e-6)
+    assert load(tmp_path / "true" / "model.pt").metadata["references"]["tables"]["plain"][29] == pytest.approx(
+        tables["plain"]["Cu"], abs=1e-12)
+    assert "references" not in describe(str(tmp_path / "false" / "model.pt"))
+
+
+def test_per_dataset_references_with_init_from_is_refused(tmp_path, data_root, cu_ag_base):
+    cfg = train_config(tmp_path, data_root, *TINY, *_emt_mix("data.per_dataset_references=true"),
+                       f"init_from={cu_ag_base}")
+    with pytest.raises(PotentialsInputError, match=r"per_dataset_references=true with init_from") as err:
+        build(cfg)
+    assert "\n" not in str(err.value)

@@ -1,5 +1,6 @@
 """``potentials info MODEL``: what a model file holds: format, elements, cutoff, model options, physics terms,
-training provenance and lineage (the base it was fine-tuned from and every dataset it saw).
+training provenance and lineage (the base it was fine-tuned from and every dataset it saw), and for a mix trained
+with per-dataset reference energies every dataset's table (``references``).
 
 ``--json`` prints the same as one JSON object.
 """
@@ -45,6 +46,11 @@ def describe(path: str) -> dict[str, Any]:
         "training": meta.pop("training"),
         "lineage": meta.pop("lineage", None),
     }
+    references = meta.pop("references", None)  # a mix with per-dataset reference energies: every dataset's table
+    if references is not None:
+        info["references"] = {**references, "tables": {
+            name: {chemical_symbols[int(z)]: float(e) for z, e in table.items()}
+            for name, table in (references.get("tables") or {}).items()}}
     info.update(meta)  # sections this version does not know, as written
     return info
 

@@ -21,11 +21,17 @@ sees the datasets in the proportion training draws them, not in proportion to th
 a fine-tuning run refits (``init_from=`` with ``data=mix``) use the same weights. Validation
 and test run one loader per dataset; :class:`~potentials.training.module.PotentialModule` logs
 ``val/<name>/<metric>`` for each and ``val/<metric>`` pooled over all (ratios of sums over every structure).
+
+With ``per_dataset_references``, each dataset ``k`` also gets its own reference-energy table E0_k[z], fitted on its
+own training split (:meth:`MixDataModule.reference_tables`), for datasets whose labels disagree on absolute
+energies (different DFT settings). Every structure then carries ``dataset_id`` (its dataset's position in the
+mix), which :class:`~potentials.training.module.PotentialModule` uses to train and score it against E0_k.
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 import itertools
 import logging
 import math
@@ -71,6 +77,29 @@ class ConcatSplit(Sequence):
     def __iter__(self) -> Iterator:
         for part in self.parts:
             yield from part
+
+
+class TaggedSplit(Sequence):
+    """A split whose structures carry ``dataset_id`` (a one-element tensor ``[k]``): shallow copies, so the
+    underlying split (an in-memory list shared with the pooled splits) is left as it is."""
+
+    def __init__(self, part: Sequence, index: int) -> None:
+        self.part, self.index = part, int(index)
+
+    def __len__(self) -> int:
+        return len(self.part)
+
+    def _tag(self, graph):
+        graph = copy.copy(graph)
+        graph.dataset_id = torch.tensor([self.index], dtype=torch.long)
+        return graph
+
+    def __getitem__(self, index: int):
+        return self._tag(self.part[index])
+
+    def __iter__(self) -> Iterator:
+        for graph in self.part:
+            yield self._tag(graph)
 
 
 class WeightedGlobalBatchSampler(DistributedSampler):
@@ -179,13 +208,19 @@ class MixDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: seed of the draw.
         name: name of the mix, for messages and the exported model.
+        per_dataset_references: fit a reference-energy table per dataset (on its own training split; elements it
+            lacks take the pooled fit's value) and train and score each structure against its dataset's table
+            (batches carry ``dataset_id``); the backbone is shared. False: one pooled table, as for one dataset.
+        export_references: the dataset whose table the exported model carries (with ``per_dataset_references``);
+            None: ``monitor_dataset``, else the first dataset.
         dtype, cutoff: accepted for symmetry with the single-dataset configs (each dataset's own are used).
     """
 
     def __init__(self, datasets: Mapping[str, Any] | None = None, batch_size: int = 8,
                  eval_batch_size: int | None = None, epoch_size: int | None = None,
                  monitor_dataset: str | None = None, num_workers: int = 0, seed: int = 0, name: str = "mix",
-                 dtype: str | None = None, cutoff: float | None = None) -> None:
+                 dtype: str | None = None, cutoff: float | None = None, per_dataset_references: bool = False,
+                 export_references: str | None = None) -> None:
         super().__init__()
         datasets = dict(datasets or {})
         if not datasets:
@@ -211,7 +246,17 @@ class MixDataModule(L.LightningDataModule):
         if epoch_size is not None and int(epoch_size) < 1:
             raise PotentialsInputError(f"data.epoch_size={epoch_size}: an epoch needs at least one structure (null: "
                                        "the training structures of all datasets together)")
+        if export_references is not None and export_references not in self.modules:
+            raise PotentialsInputError(f"data.export_references={export_references!r} is not a dataset of the mix; "
+                                       f"the datasets are {', '.join(self.names)}")
+        if export_references is not None and not per_dataset_references:
+            raise PotentialsInputError(f"data.export_references={export_references!r} needs "
+                                       "data.per_dataset_references=true (without it the mix has one pooled "
+                                       "reference-energy table)")
         self.monitor_dataset = monitor_dataset
+        self.per_dataset_references = bool(per_dataset_references)
+        #: the dataset whose reference energies the exported model carries (per_dataset_references only)
+        self.export_references = export_references or monitor_dataset or self.names[0]
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.epoch_size = None if epoch_size is None else int(epoch_size)
@@ -269,6 +314,19 @@ class MixDataModule(L.LightningDataModule):
                 out.extend([self.weights[n] / total_weight * total / sizes[n]] * sizes[n])
         return out
 
+    def reference_tables(self, pooled: Mapping[int, float], baseline=None) -> dict[str, dict[int, float]]:
+        """Per dataset (``per_dataset_references``), E0_k[z] fitted on its own training split, over every element
+        of ``pooled`` (the pooled fit, whose values stand in for elements dataset ``k`` lacks).
+
+        ``baseline``: as for :func:`~potentials.datasets.stats.compute_stats` (the physics terms).
+        """
+        self.setup()
+        tables = {}
+        for ds_name in self.names:
+            own = compute_stats(iter(self.modules[ds_name].splits["train"]), baseline=baseline).atomic_energies
+            tables[ds_name] = {int(z): float(own.get(int(z), e)) for z, e in pooled.items()}
+        return tables
+
     def _sampler(self) -> WeightedGlobalBatchSampler:
         num_replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None \
             else world()
@@ -278,7 +336,7 @@ class MixDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResumableDataLoader:
         self.setup()
-        parts = ConcatSplit([self.modules[n].splits["train"] for n in self.names])
+        parts = ConcatSplit([self._part(n, "train") for n in self.names])
         loader = ResumableDataLoader(parts, self._sampler(), num_workers=self.num_workers,
                                      persistent_workers=self.num_workers > 0)
         loader.collate_fn = collate_graphs
@@ -287,6 +345,12 @@ class MixDataModule(L.LightningDataModule):
             loader.load_state_dict(state)  # resuming mid-epoch: skip the batches already trained on
         self._train_loader = loader
         return loader
+
+    def _part(self, ds_name: str, split: str) -> Sequence:
+        """Dataset ``ds_name``'s ``split``, its structures tagged with ``dataset_id`` under
+        ``per_dataset_references``."""
+        part = self.modules[ds_name].splits[split]
+        return TaggedSplit(part, self.names.index(ds_name)) if self.per_dataset_references else part
 
     def state_dict(self) -> dict[str, Any]:
         """The training loader's position in its epoch; Lightning keeps it in checkpoints."""
@@ -299,7 +363,7 @@ class MixDataModule(L.LightningDataModule):
         self.setup()
         loaders = []
         for ds_name in self.loader_names[split]:
-            loader = make_loader(self.modules[ds_name].splits[split], self.eval_batch_size, shuffle=False,
+            loader = make_loader(self._part(ds_name, split), self.eval_batch_size, shuffle=False,
                                  seed=self.seed, num_workers=self.num_workers, trainer=self.trainer)
             loader.collate_fn = collate_graphs
             loaders.append(loader)

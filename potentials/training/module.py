@@ -53,6 +53,9 @@ class PotentialModule(L.LightningModule):
             checkpoint so that ``init_from`` can rebuild the model from the checkpoint alone.
         lr_scales: learning-rate factors by glob over ``Potential.named_parameters()`` names (the first matching
             glob counts); other parameters train at ``lr``.
+        reference_offsets: [datasets, 119] eV, for a mix with ``data.per_dataset_references``: E0_k[z] minus the
+            potential's own E0[z] for dataset k; a structure of a batch with ``dataset_id`` k is trained and
+            scored with its energy raised by Σ_i offsets[k, z_i] (the exported potential keeps its own table).
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class PotentialModule(L.LightningModule):
         datasets: tuple[str, ...] | list[str] = (),
         model_config: dict[str, Any] | None = None,
         lr_scales: dict[str, float] | None = None,
+        reference_offsets: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.potential = potential
@@ -88,6 +92,8 @@ class PotentialModule(L.LightningModule):
         self.dataset_metrics = torch.nn.ModuleDict(  # keyed by position: names may hold characters keys may not
             {f"{s}{i}": PotentialMetrics(free, loss_weights=loss.weights) for s in ("val", "test")
              for i in range(len(self.dataset_names))})
+        if reference_offsets is not None:  # a buffer only then: runs without keep their checkpoints' contents
+            self.register_buffer("reference_offsets", torch.as_tensor(reference_offsets, dtype=torch.float64))
 
     @property
     def eval_potential(self) -> Potential:
@@ -117,6 +123,7 @@ class PotentialModule(L.LightningModule):
         with torch.enable_grad():
             out = potential(batch, compute_forces=True, compute_stress=stress, create_graph=train,
                             head_forces=getattr(self.loss_fn, "needs_head_forces", False))
+        out = self._dataset_references(out, batch)
         terms = self.loss_fn.terms(out, batch)
         if not terms:
             raise PotentialsInputError("the loss has no term: training.loss weights are all zero")
@@ -136,6 +143,27 @@ class PotentialModule(L.LightningModule):
         if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0:  # Lightning logs this step's row
             self._unlogged_row = (self.global_step, self.current_epoch, logged)
         return loss
+
+    def _dataset_references(self, out: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
+        """``out`` with each structure's energies moved to its dataset's reference energies (a mix with
+        per-dataset references; otherwise ``out`` itself). Forces and stress do not depend on them."""
+        offsets = getattr(self, "reference_offsets", None)
+        index = getattr(batch, "dataset_id", None)
+        if offsets is None or index is None:
+            return out
+        node = getattr(batch, "batch", None)
+        if node is None:
+            node = torch.zeros_like(batch.z)
+        node_offset = offsets[index[node], batch.z].to(out[keys.NODE_ENERGY].dtype)
+        energy_offset = torch.zeros_like(out[keys.ENERGY]).index_add(0, node, node_offset)
+        out = dict(out)
+        out[keys.ENERGY] = out[keys.ENERGY] + energy_offset
+        out[keys.NODE_ENERGY] = out[keys.NODE_ENERGY] + node_offset
+        if keys.ENERGY_HEADS in out:
+            out[keys.ENERGY_HEADS] = out[keys.ENERGY_HEADS] + energy_offset.unsqueeze(-1)
+        if keys.NODE_ENERGY_HEADS in out:
+            out[keys.NODE_ENERGY_HEADS] = out[keys.NODE_ENERGY_HEADS] + node_offset.unsqueeze(-1)
+        return out
 
     # Lightning writes a step's logged row after on_train_batch_end, where mid-epoch checkpoints are taken. The
     # checkpoint carries that row, so a run killed between the checkpoint and the row's write still gets it back.

@@ -23,7 +23,7 @@ from potentials.datasets.stats import compute_stats
 from potentials.errors import PotentialsInputError
 from potentials.models.base import EnergyModel
 from potentials.physics import PhysicsConfig, baseline
-from potentials.potential import Potential
+from potentials.potential import NUM_Z, Potential
 from potentials.training import ensemble, finetune
 from potentials.training.checkpointing import (
     AtomicCheckpointIO,
@@ -97,6 +97,7 @@ def build(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[L.Lightn
         stats = compute_stats(dm.splits["train"], baseline=baseline(physics, cfg.cutoff), weights=fit_weights(dm))
     with open_dict(cfg):
         cfg.data_stats = {**stats.to_dict(), "atomic_energies": {str(k): v for k, v in stats.atomic_energies.items()}}
+    tables = _reference_tables(cfg, dm, stats, physics, base)
     model = instantiate(cfg.model)
     if base is not None:
         return dm, _finetune_module(cfg, dm, model, base, physics, dtype)
@@ -108,7 +109,8 @@ def build(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[L.Lightn
     if abs(model_cutoff - float(cfg.cutoff)) > 1e-9:
         raise PotentialsInputError(f"model.cutoff={model_cutoff} Å differs from cutoff={cfg.cutoff} Å, the radius the "
                                    "neighbour lists are built with; set the top-level cutoff only")
-    potential = Potential(model, cfg.cutoff, atomic_energies=stats.atomic_energies, scale=stats.force_rms,
+    own = tables[dm.export_references] if tables else stats.atomic_energies
+    potential = Potential(model, cfg.cutoff, atomic_energies=own, scale=stats.force_rms,
                           kernels=cfg.kernels, physics=physics, compile=bool(cfg.get("compile", False)))
     potential = potential.to(dtype)
     t = cfg.training
@@ -119,6 +121,7 @@ def build(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[L.Lightn
         plateau_factor=t.plateau_factor,
         plateau_patience=t.plateau_patience, ema_decay=t.ema_decay, datasets=getattr(dm, "names", ()),
         model_config=OmegaConf.to_container(cfg.model, resolve=True),
+        reference_offsets=_reference_offsets(tables, dm.names, own) if tables else None,
     )
     return dm, module
 
@@ -128,6 +131,33 @@ def fit_weights(dm) -> list[float] | None:
     (:meth:`~potentials.datasets.mix.MixDataModule.fit_weights`), None (unweighted) for a single dataset."""
     weights = getattr(dm, "fit_weights", None)
     return weights() if callable(weights) else None
+
+
+def _reference_tables(cfg: DictConfig, dm, stats, physics: PhysicsConfig, base) -> dict | None:
+    """A mix with ``data.per_dataset_references``: the reference-energy table of each dataset (recorded in
+    ``cfg.data_stats.reference_tables``); None otherwise."""
+    if not getattr(dm, "per_dataset_references", False):
+        return None
+    if base is not None:
+        raise PotentialsInputError("data.per_dataset_references=true with init_from: fine-tuning refits one "
+                                   "reference-energy table (finetune.reference_energies); per-dataset tables are for "
+                                   "runs from scratch, so drop one of the two")
+    tables = dm.reference_tables(stats.atomic_energies,
+                                 baseline=baseline(physics, cfg.cutoff) if physics.any else None)
+    with open_dict(cfg):
+        cfg.data_stats.reference_tables = {n: {str(z): e for z, e in t.items()} for n, t in tables.items()}
+        cfg.data_stats.export_references = dm.export_references
+    log.info("per-dataset reference energies; model.pt carries those of %s", dm.export_references)
+    return tables
+
+
+def _reference_offsets(tables: dict, names: list[str], own: dict) -> torch.Tensor:
+    """[datasets, 119]: each dataset's table minus the potential's own (``own``), eV."""
+    offsets = torch.zeros(len(names), NUM_Z, dtype=torch.float64)
+    for k, name in enumerate(names):
+        for z, e in tables[name].items():
+            offsets[k, int(z)] = e - own[z]
+    return offsets
 
 
 def _finetune_module(cfg: DictConfig, dm, model: EnergyModel, base, physics: PhysicsConfig, dtype: torch.dtype
@@ -241,7 +271,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
                     extra={"data": cfg.data.name, "test": summary.get("test", {})},
                     sections={"lineage": finetune.lineage(cfg, getattr(module, "base", None),
                                                           {k: len(v) for k, v in dm.splits.items()},
-                                                          getattr(module, "frozen", ()))})
+                                                          getattr(module, "frozen", ())),
+                              **_references_section(cfg)})
         summary["model"] = str(path)
     demo_split = "test" if dm.splits["test"] else "train"
     summary["_demo_atoms"] = dm.splits[demo_split][0].to_atoms()
@@ -251,6 +282,16 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
         (run_dir / "metrics.json").write_text(json.dumps(public, indent=2))
         summary["metrics"] = str(run_dir / "metrics.json")
     return summary
+
+
+def _references_section(cfg: DictConfig) -> dict[str, Any]:
+    """The model file's ``references`` section (a mix with per-dataset reference energies; information only, the
+    file's ``potential.atomic_energies`` are those of ``dataset``): {} otherwise."""
+    tables = cfg.data_stats.get("reference_tables")
+    if not tables:
+        return {}
+    return {"references": {"dataset": cfg.data_stats.export_references,
+                           "tables": {n: {int(z): float(e) for z, e in t.items()} for n, t in tables.items()}}}
 
 
 def _mix_monitor(monitor: str, dm) -> str:
