@@ -325,14 +325,14 @@ def head_gradients(head_energy: torch.Tensor, inputs: list[torch.Tensor], create
     """
     k = head_energy.shape[-1]
     total = head_energy.sum(0)  # [K]: the heads are independent sums over structures
-    try:
-        if not batched:
-            raise NotImplementedError
+    if batched:
         eye = torch.eye(k, dtype=total.dtype, device=total.device)
-        return list(torch.autograd.grad([total], inputs, grad_outputs=[eye], is_grads_batched=True,
-                                        retain_graph=True, create_graph=create_graph, allow_unused=True))
-    except (RuntimeError, NotImplementedError):
-        per_head = [torch.autograd.grad([total[i]], inputs, retain_graph=True, create_graph=create_graph,
-                                        allow_unused=True) for i in range(k)]
-        return [None if parts[0] is None else torch.stack(parts)
-                for parts in ([g[j] for g in per_head] for j in range(len(inputs)))]
+        try:
+            return list(torch.autograd.grad([total], inputs, grad_outputs=[eye], is_grads_batched=True,
+                                            retain_graph=True, create_graph=create_graph, allow_unused=True))
+        except (RuntimeError, NotImplementedError):  # an operation vmap cannot batch: one pass per head below
+            pass
+    per_head = [torch.autograd.grad([total[i]], inputs, retain_graph=True, create_graph=create_graph,
+                                    allow_unused=True) for i in range(k)]
+    return [None if parts[0] is None else torch.stack(parts)
+            for parts in ([g[j] for g in per_head] for j in range(len(inputs)))]
