@@ -95,9 +95,22 @@ def run_accuracy(settings: suite.Settings, splits: dict[str, Path]) -> list[dict
     return records
 
 
-def run_datasets(settings: suite.Settings, tasks: list[datasets.Task]) -> list[dict]:
+def cell_key(dataset: str, label: str, request: dict) -> str:
+    """What makes two accuracy cells the same measurement: the data set, the model label and every request field
+    but the (cache-folder) file paths, which the data set's name and split seed already fix."""
+    kept = {k: v for k, v in request.items() if k not in ("train", "val", "tests")}
+    return json.dumps({"dataset": dataset, "label": label, **kept}, sort_keys=True, default=str)
+
+
+def run_datasets(settings: suite.Settings, tasks: list[datasets.Task], previous: list[dict] | None = None,
+                 save=None) -> list[dict]:
     """Every accuracy model trained on every task of ``--datasets`` for the same budget, one worker each; a record
-    carries its task's name, sizes, test-set names, stress flag and split notes."""
+    carries its task's name, sizes, test-set names, stress flag and split notes.
+
+    ``previous``: records of an earlier run of the same part (``--resume``); a cell whose :func:`cell_key` matches
+    a finished record there is taken over instead of trained again, so a run of many hours can be done in pieces.
+    ``save(records)`` is called after every cell, so an interrupted run loses at most the cell it was training."""
+    done = {rec["cell_key"]: rec for rec in previous or () if "cell_key" in rec and "result" in rec}
     records = []
     for task in tasks:
         paths = datasets.write_task(task, structures.CACHE_DIR)
@@ -107,8 +120,18 @@ def run_datasets(settings: suite.Settings, tasks: list[datasets.Task]) -> list[d
         for label, framework, cfg in _accuracy_models(settings):
             req = {**_train_request(settings, label, cfg), "train": paths["train"], "val": paths["val"],
                    "tests": paths["tests"], "stress": task.stress}
-            rec = _record(framework, label, req, settings, timeout=settings.budget_s * 3 + 1800)
-            records.append({**rec, **info})
+            key = cell_key(task.name, label, req)
+            if key in done:
+                log(f"train_equal_time {label} on {task.name}: taken from the earlier run "
+                    f"({done[key].get('finished', '?')})")
+                records.append(done[key])
+            else:
+                rec = _record(framework, label, req, settings, timeout=settings.budget_s * 3 + 1800)
+                records.append({**rec, **info, "cell_key": key,
+                                "finished": dt.datetime.now().isoformat(timespec="seconds"),
+                                "load_avg_end": report.machine_info()["load_avg_1_5_15"]})
+            if save is not None:
+                save(records)
     return records
 
 
@@ -193,6 +216,15 @@ def run(args: argparse.Namespace) -> list[Path]:
              "train": lambda: run_train(settings, paths, splits),
              "accuracy": lambda: (run_datasets(settings, tasks) if tasks else run_accuracy(settings, splits)),
              "roofline": lambda: run_roofline(settings, paths)}
+    if tasks and "accuracy" in only:
+        raw = out / f"{report.report_name('accuracy', settings.dtypes, settings.report_variant)}.json"
+        previous = _previous_cells(raw, meta) if args.resume else None
+
+        def save(records: list[dict]) -> None:
+            meta["machine_end"] = report.machine_info()
+            raw.write_text(json.dumps({"meta": meta, "records": {"accuracy": records}}, indent=1, default=str))
+
+        steps["accuracy"] = lambda: run_datasets(settings, tasks, previous, save)
     for part in PARTS:
         if part in only:
             log(part)
@@ -205,6 +237,19 @@ def run(args: argparse.Namespace) -> list[Path]:
     return written
 
 
+def _previous_cells(raw: Path, meta: dict) -> list[dict]:
+    """The finished cells of the accuracy report at ``raw`` (for ``--resume``); the run's start is carried over
+    so that the report dates the whole measurement."""
+    if not raw.exists():
+        log(f"--resume: no earlier report at {raw}; every cell is trained")
+        return []
+    old = json.loads(raw.read_text())
+    cells = [r for r in old.get("records", {}).get("accuracy", []) if "cell_key" in r and "result" in r]
+    meta["resumed_from"] = old["meta"].get("resumed_from") or old["meta"]["start"]
+    log(f"--resume: {len(cells)} finished cells in {raw} (run started {meta['resumed_from']})")
+    return cells
+
+
 def write(run_data: dict, out: Path) -> list[Path]:
     """Render ``<part>.md`` and its figure for every part in the raw run data (as saved in ``<part>.json``)."""
     meta, records = run_data["meta"], run_data["records"]
@@ -213,7 +258,9 @@ def write(run_data: dict, out: Path) -> list[Path]:
     m0, m1 = meta["machine_start"], meta.get("machine_end", {})
     out.mkdir(parents=True, exist_ok=True)
     header = {
-        "date": start.strftime("%Y-%m-%d %H:%M"),
+        "date": (start.strftime("%Y-%m-%d %H:%M") if not meta.get("resumed_from") else
+                 f"{dt.datetime.fromisoformat(meta['resumed_from']):%Y-%m-%d %H:%M}, continued "
+                 f"{start:%Y-%m-%d %H:%M} with --resume (each cell's own finish time and load are in the json)"),
         "command": meta["command"],
         "machine": f"{m0['host']}: {m0['cpu']}, {m0['cores']} cores, {m0['memory_GB']} GB, {m0['platform']}",
         "load average (1/5/15 min) at start / end": f"{m0['load_avg_1_5_15']} / {m1.get('load_avg_1_5_15')}",
@@ -283,6 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--malloc", default="tuned", choices=("tuned", "system"),
                    help="glibc allocator settings of every worker: tuned (freed memory kept for reuse, as "
                         "potentials.accel.allocator sets) or the system defaults")
+    r.add_argument("--resume", action="store_true",
+                   help="accuracy part with --datasets: keep the finished cells (data set x model, same settings) "
+                        "of the report being replaced and train only the others; the report is saved after every "
+                        "cell")
     r.add_argument("--report-variant", help="write <part>-<variant>.md/.json/.png instead of replacing <part>.md "
                                             "(a side report over a subset of models)")
     r.add_argument("--out", default=str(report.RESULTS_DIR))

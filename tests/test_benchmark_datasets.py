@@ -141,3 +141,37 @@ def test_published_column_and_ratios_to_mace_at_equal_time(tmp_path):
     assert rows[0][:3] == ["egnn-64", "ours", "mace-64"] and rows[0][3:] == pytest.approx([2.0, 2.0, 2.0])
     sections = report.dataset_sections([mace, ours], 40.0, tmp_path, "accuracy", eval_points=3)
     assert sections[0][0].startswith("rmd17-aspirin") and (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+def test_resume_keeps_finished_cells_and_trains_the_rest(tmp_path, monkeypatch):
+    """A long accuracy run done in pieces: finished (data set, model) cells of the same settings are taken over,
+    failed or differently-configured ones are trained again, and the raw report is saved after every cell."""
+    import benchmarks.__main__ as bench
+    from benchmarks import structures, suite
+
+    monkeypatch.setattr(structures, "CACHE_DIR", tmp_path / "cache")
+    trained: list[str] = []
+
+    def fake_record(framework, label, request, settings, timeout):
+        trained.append(label)
+        return {"label": label, "framework": framework, "result": {"budget": request["budget_s"]}}
+
+    monkeypatch.setattr(bench, "_record", fake_record)
+    settings = suite.Settings.make(False, models=("egnn-64", "facet-64"), budget_s=30.0, threads=1)
+    tasks = datasets.parse_datasets("rmd17:ethanol")
+    saved: list[int] = []
+    first = bench.run_datasets(settings, tasks, save=lambda recs: saved.append(len(recs)))
+    assert trained == ["egnn-64", "facet-64"] and saved == [1, 2]
+    assert all(r["cell_key"] and r["dataset"] == "rmd17-ethanol" for r in first)
+
+    # the same settings: nothing is trained again; a failed cell is
+    trained.clear()
+    failed = [first[0], {k: v for k, v in first[1].items() if k != "result"} | {"error": "killed"}]
+    again = bench.run_datasets(settings, tasks, previous=failed)
+    assert trained == ["facet-64"] and again[0] is first[0]
+
+    # another budget is another measurement: every cell is trained
+    trained.clear()
+    longer = suite.Settings.make(False, models=("egnn-64", "facet-64"), budget_s=60.0, threads=1)
+    bench.run_datasets(longer, tasks, previous=first)
+    assert trained == ["egnn-64", "facet-64"]
