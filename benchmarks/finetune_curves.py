@@ -207,12 +207,14 @@ class Experiment:
             data = ["data=emt", f"data.source.n_structures={n + val}", "data.source.seed=21",
                     f"+data.source.elements=[{','.join(EMT_NEW)}]", f"data.split.val={val}", "data.split.test=0",
                     "data.batch_size=4", f"trainer.max_steps={steps}"]
-            for kind, overrides in {"scratch": [*FAMILIES[family], *data],
-                                    "finetune": [*data, f"init_from={base}"]}.items():
-                model, wall = self.train(f"{family}-emt-{kind}-{n}", overrides)
-                sets = tests if kind == "finetune" else {"CuNi": new}
-                self.record(family=family, experiment="emt", kind=kind, frames=n, steps=steps, wall_s=wall,
-                            test=self.evaluate(model, sets))
+            for seed in range(a.emt_seeds):  # the same frames; the seed changes initialisation and batch order
+                tag = "" if seed == 0 else f"-s{seed}"
+                for kind, overrides in {"scratch": [*FAMILIES[family], *data],
+                                        "finetune": [*data, f"init_from={base}"]}.items():
+                    model, wall = self.train(f"{family}-emt-{kind}-{n}{tag}", [*overrides, f"seed={seed}"])
+                    sets = tests if kind == "finetune" else {"CuNi": new}
+                    self.record(family=family, experiment="emt", kind=kind, frames=n, steps=steps, wall_s=wall,
+                                seed=seed, test=self.evaluate(model, sets))
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -268,34 +270,61 @@ def forgetting_detail(records: list[dict], pretrain: list[str], target: str) -> 
     return report.markdown_table(headers, rows)
 
 
-def emt_table(records: list[dict]) -> str:
-    headers = ["family", "model", "frames", "steps", "CuNi F", "CuNi E", "CuAgAu F", "CuAgAu E", "wall s"]
-    rows = []
+def _emt_groups(records: list[dict]) -> dict[tuple, list[dict]]:
+    """EMT records by (family, kind, frames), the seeds of each together, in order of first appearance."""
+    groups: dict[tuple, list[dict]] = {}
     for r in records:
-        if r["experiment"] != "emt":
-            continue
-        t = r["test"]
-        rows.append([r["family"], r["kind"], r["frames"], r["steps"],
-                     *[t.get(s, {}).get(m) for s in ("CuNi", "CuAgAu") for m in ("force_mae", "energy_mae")],
-                     r["wall_s"]])
+        if r["experiment"] == "emt":
+            groups.setdefault((r["family"], r["kind"], r["frames"]), []).append(r)
+    return groups
+
+
+def _emt_mean(runs: list[dict], test: str, metric: str) -> float | None:
+    values = [r["test"][test][metric] for r in runs if test in r["test"]]
+    return float(np.mean(values)) if values else None
+
+
+def emt_table(records: list[dict]) -> str:
+    """Mean over seeds (± their standard deviation where there are several) of each EMT model's errors."""
+    headers = ["family", "model", "frames", "steps", "seeds", "CuNi F", "CuNi E", "CuAgAu F", "CuAgAu E",
+               "wall s (mean)"]
+    rows = []
+    for (family, kind, frames), runs in _emt_groups(records).items():
+        cells = []
+        for test in ("CuNi", "CuAgAu"):
+            for metric in ("force_mae", "energy_mae"):
+                values = [r["test"][test][metric] for r in runs if test in r["test"]]
+                cells.append("" if not values else f"{np.mean(values):.3g}" if len(values) == 1
+                             else f"{np.mean(values):.3g} ± {np.std(values, ddof=1):.2g}")
+        rows.append([family, kind, frames, runs[0]["steps"], len(runs), *cells,
+                     float(np.mean([r["wall_s"] for r in runs]))])
     return report.markdown_table(headers, rows)
 
 
 def not_better(records: list[dict], target: str) -> list[str]:
     """Every size (and set) where a fine-tuned model (with or without replay) is not ahead of scratch, with the
-    margin."""
+    margin (EMT: seed means against seed means)."""
     out = []
     for r in records:
-        if r["kind"] not in ("finetune", "finetune+replay"):
+        if r["experiment"] != "rmd17" or r["kind"] not in ("finetune", "finetune+replay"):
             continue
         s = _get(records, family=r["family"], experiment=r["experiment"], kind="scratch", frames=r["frames"])
         if s is None:
             continue
-        key = target if r["experiment"] == "rmd17" else "CuNi"
         for metric, unit in (("force_mae", "meV/Å"), ("energy_mae", "meV/atom")):
-            ft, sc = r["test"][key][metric], s["test"][key][metric]
+            ft, sc = r["test"][target][metric], s["test"][target][metric]
             if ft >= sc:
                 out.append(f"{r['family']} {r['experiment']} {r['frames']} frames, {metric}: {r['kind']} {ft:.2f} "
+                           f"{unit} against scratch {sc:.2f} ({100 * (ft / sc - 1):+.0f} %)")
+    groups = _emt_groups(records)
+    for (family, kind, frames), runs in groups.items():
+        scratch = groups.get((family, "scratch", frames))
+        if kind != "finetune" or not scratch:
+            continue
+        for metric, unit in (("force_mae", "meV/Å"), ("energy_mae", "meV/atom")):
+            ft, sc = _emt_mean(runs, "CuNi", metric), _emt_mean(scratch, "CuNi", metric)
+            if ft >= sc:
+                out.append(f"{family} emt {frames} frames, {metric} (mean of {len(runs)} seeds): {kind} {ft:.2f} "
                            f"{unit} against scratch {sc:.2f} ({100 * (ft / sc - 1):+.0f} %)")
     return out
 
@@ -359,6 +388,8 @@ def write(data: dict, out: Path) -> Path:
         "load average (1/5/15 min) at start / end": f"{m0['load_avg_1_5_15']} / {m1.get('load_avg_1_5_15')}",
         "threads": f"{s['threads']} (torch.set_num_threads)",
         "total wall time": f"{meta.get('wall_s', 0) / 60:.1f} min",
+        **({"kept from the report it replaced (--merge)": f"{', '.join(meta['merged'])}, measured by: "
+            + "; ".join(meta["merged_from"])} if meta.get("merged") else {}),
         "settings": {k: str(v) for k, v in s.items()},
     }
     fails = not_better(records, target)
@@ -408,7 +439,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--emt-sizes", type=int, nargs="+", default=[25, 100])
     p.add_argument("--emt-steps", type=int, default=400)
     p.add_argument("--emt-test-frames", type=int, default=100)
+    p.add_argument("--emt-seeds", type=int, default=3, help="training seeds of every EMT scratch and fine-tuning "
+                                                           "run (the report gives their mean and spread)")
     p.add_argument("--no-emt", action="store_true", help="leave out the periodic experiment")
+    p.add_argument("--experiments", nargs="+", default=["rmd17", "emt"], choices=["rmd17", "emt"])
+    p.add_argument("--merge", action="store_true",
+                   help="keep the records of the report being replaced (--out/finetune.json) for the (family, "
+                        "experiment) pairs this run does not measure, so one family or one experiment can be "
+                        "rerun alone")
     p.add_argument("--budget", type=float, default=1.0, help="multiplies every step count")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=str(CACHE_DIR / "finetune"))
@@ -416,6 +454,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(report.RESULTS_DIR))
     p.add_argument("--report", metavar="JSON", help="only re-render finetune.md/.png from a saved finetune.json")
     return p
+
+
+def merge_records(old: list[dict], new: list[dict]) -> tuple[list[dict], list[str]]:
+    """``old`` records of the (family, experiment) pairs ``new`` does not measure, then ``new``; and the names of
+    the pairs kept."""
+    measured = {(r["family"], r["experiment"]) for r in new}
+    kept = [r for r in old if (r["family"], r["experiment"]) not in measured]
+    return kept + new, sorted({f"{r['family']} {r['experiment']}" for r in kept})
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -435,13 +481,22 @@ def main(argv: list[str] | None = None) -> Path:
             "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "out", "reuse", "report")}}
     exp = Experiment(args)
     out = Path(args.out)
+    experiments = [e for e in args.experiments if not (e == "emt" and args.no_emt)]
     for family in args.families:
-        exp.rmd17(family)
-        if not args.no_emt:
+        if "rmd17" in experiments:
+            exp.rmd17(family)
+        if "emt" in experiments:
             exp.emt(family)
     meta["machine_end"] = report.machine_info()
     meta["wall_s"] = time.perf_counter() - t0
-    data = {"meta": meta, "records": exp.records}
+    records = exp.records
+    if args.merge and (out / f"{NAME}.json").is_file():
+        old = json.loads((out / f"{NAME}.json").read_text())
+        records, kept = merge_records(old["records"], records)
+        meta["merged"] = kept
+        meta["merged_from"] = [old["meta"]["command"], *old["meta"].get("merged_from", [])]
+        meta["settings"]["families"] = sorted({r["family"] for r in records})
+    data = {"meta": meta, "records": records}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{NAME}.json").write_text(json.dumps(data, indent=1, default=str))
     md = write(data, out)

@@ -274,9 +274,13 @@ def test_finetune_report_tabulates_curves_and_names_where_fine_tuning_loses(tmp_
                _curve_record("finetune+replay", 25, 45.0, 2.5, old_f=22.0),
                _curve_record("scratch", 200, 30.0, 1.0), _curve_record("finetune", 200, 33.0, 0.9, old_f=35.0),
                _curve_record("scratch", 25, 50.0, 5.0, experiment="emt"),
-               _curve_record("finetune", 25, 20.0, 2.0, old_f=9.0, experiment="emt")]
+               _curve_record("scratch", 25, 50.0, 3.0, experiment="emt"),
+               _curve_record("finetune", 25, 20.0, 2.0, old_f=9.0, experiment="emt"),
+               _curve_record("finetune", 25, 24.0, 6.0, old_f=9.0, experiment="emt")]
+    # EMT: seed means against seed means (energy 4.0 against 4.0 is not ahead)
     assert finetune_curves.not_better(records, "paracetamol") == [
-        "egnn rmd17 200 frames, force_mae: finetune 33.00 meV/Å against scratch 30.00 (+10 %)"]
+        "egnn rmd17 200 frames, force_mae: finetune 33.00 meV/Å against scratch 30.00 (+10 %)",
+        "egnn emt 25 frames, energy_mae (mean of 2 seeds): finetune 4.00 meV/atom against scratch 4.00 (+0 %)"]
     args = finetune_curves.parser().parse_args(["--pretrain", "ethanol"])
     meta = {"start": "2026-01-02T03:04:05", "machine_start": report.machine_info(), "command": "x",
             "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "out", "reuse")}}
@@ -284,4 +288,10 @@ def test_finetune_report_tabulates_curves_and_names_where_fine_tuning_loses(tmp_
     assert "| egnn | 25 | 600 | 80 | 40 | 45 | 4 | 2 | 2.5 | 2 |" in md  # scratch / fine-tuned force MAE: 2
     assert "+10 %" in md and (tmp_path / "finetune.png").stat().st_size > 0
     assert "| egnn | finetune | 25 | 30.0 / 1.0 | 40.0 / 2.0 |" in md  # forgetting: ethanol, then the target
-    assert "| egnn | finetune | 25 | 600 | 20 | 2 | 9 | 1 |" in md  # the periodic set and its base's set
+    # the periodic set and its base's set: mean ± standard deviation over the seeds
+    assert "| egnn | finetune | 25 | 600 | 2 | 22 ± 2.8 | 4 ± 2.8 | 9 ± 0 | 1 ± 0 |" in md
+
+    # --merge: another family's rerun keeps this report's records and replaces only its own pairs
+    rerun = [{**r, "family": "facet"} for r in records if r["experiment"] == "emt"]
+    merged, kept = finetune_curves.merge_records(records, rerun + [records[-1]])
+    assert kept == ["egnn rmd17"] and len(merged) == 6 + len(rerun) + 1

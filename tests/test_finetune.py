@@ -3,6 +3,7 @@ embedding rows, reference energies kept or refitted, frozen parameters, lineage,
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import shutil
@@ -249,9 +250,9 @@ def test_train_py_names_a_contradicting_command_line_option(base, tmp_path):
     assert "model.num_basis=4" in proc.stderr and "the file's num_basis is 8" in proc.stderr
 
 
-def test_every_element_embedding_gets_fresh_rows_for_new_elements():
+def test_every_element_embedding_starts_new_elements_as_finetune_new_elements_says():
     """EquiformerV2 embeds z in five tables (nodes, and edge source/target per block): every one keeps the base's
-    rows for known elements and the fresh model's rows for new ones."""
+    rows for known elements; new ones get the fresh model's rows, their nearest known neighbour's, or the mean."""
     from potentials.models.equiformer import EquiformerV2
 
     options = dict(cutoff=4.0, channels=8, num_layers=1, lmax=1, mmax=1, attn_hidden_channels=8, num_heads=2,
@@ -263,7 +264,7 @@ def test_every_element_embedding_gets_fresh_rows_for_new_elements():
     torch.manual_seed(1)
     model = EquiformerV2(**options)
     fresh = {name: m.weight.detach().clone() for name, m in finetune.embedding_tables(model)}
-    potential, new = finetune.init_potential(model, loaded, [CU, AU])
+    potential, new = finetune.init_potential(copy.deepcopy(model), loaded, [CU, AU], new_elements="random")
     assert new == [AU] and potential.elements == [CU, AG, AU]
     tables = dict(finetune.embedding_tables(potential.model))
     assert len(tables) == 5
@@ -271,6 +272,35 @@ def test_every_element_embedding_gets_fresh_rows_for_new_elements():
         own = trained.get_submodule(name).weight
         assert torch.equal(m.weight[[CU, AG]], own[[CU, AG]]), name
         assert torch.equal(m.weight[AU], fresh[name][AU]) and not torch.equal(m.weight[AU], own[AU]), name
+    # the default: Au starts as its group-11 neighbour Ag (not as Cu, nor randomly); "mean": the known rows' mean
+    for how, expected in (("nearest", lambda own: own[AG]), ("mean", lambda own: own[[CU, AG]].mean(0))):
+        potential, _ = finetune.init_potential(copy.deepcopy(model), loaded, [CU, AU], new_elements=how)
+        for name, m in finetune.embedding_tables(potential.model):
+            own = trained.get_submodule(name).weight.double()
+            assert torch.allclose(m.weight[AU], expected(own)), (how, name)
+            assert torch.equal(m.weight[[CU, AG]], own[[CU, AG]]), (how, name)
+    with pytest.raises(PotentialsInputError, match="finetune.new_elements='copy'"):
+        finetune.init_potential(copy.deepcopy(model), loaded, [CU, AU], new_elements="copy")
+
+
+@pytest.mark.parametrize(("element", "position"), [
+    ("H", (1, 1)), ("He", (1, 18)), ("B", (2, 13)), ("Al", (3, 13)), ("Ar", (3, 18)), ("Sc", (4, 3)), ("Ni", (4, 10)),
+    ("Ag", (5, 11)), ("Ba", (6, 2)), ("La", (6, 3)), ("Lu", (6, 3)), ("Hf", (6, 4)), ("Au", (6, 11)),
+    ("Rn", (6, 18)), ("Ac", (7, 3)), ("Rf", (7, 4)), ("Og", (7, 18))])
+def test_periodic_position_follows_the_18_column_table(element, position):
+    from ase.data import atomic_numbers
+
+    assert finetune.periodic_position(atomic_numbers[element]) == position
+
+
+def test_nearest_known_element_prefers_the_same_group():
+    from ase.data import atomic_numbers as z
+
+    organic = [z[s] for s in "HCNO"]
+    assert finetune.nearest_known(z["S"], organic) == z["O"]  # group 16
+    assert finetune.nearest_known(z["Si"], organic) == z["C"]  # group 14
+    assert finetune.nearest_known(z["Ni"], [z["Cu"], z["Ag"], z["Au"]]) == z["Cu"]  # one group over, same period
+    assert finetune.nearest_known(z["Pt"], [z["Ni"], z["Pd"], z["Au"]]) == z["Pd"]  # same group, one period up
 
 
 def test_lr_scales_give_parameter_groups_their_rate(base, tmp_path):

@@ -275,24 +275,71 @@ def embedding_tables(model: nn.Module) -> list[tuple[str, nn.Embedding]]:
             == NUM_Z]
 
 
-def init_potential(model: nn.Module, base: Base, data_elements: Iterable[int], **potential_options: Any
-                   ) -> tuple[Potential, list[int]]:
-    """The run's Potential: ``model`` (freshly built from the base's options) with the base's weights, except the
-    embedding rows of elements the base never saw, which keep their fresh initialisation.
+#: ``finetune.new_elements`` choices: how the embedding rows of elements the base never saw start.
+NEW_ELEMENTS = ("nearest", "mean", "random")
+
+
+def periodic_position(z: int) -> tuple[int, int]:
+    """(period, group) of element ``z`` in the 18-column table; lanthanides and actinides sit in group 3."""
+    if z < 1 or z > 118:
+        raise ValueError(f"no element with atomic number {z}")
+    starts = (1, 3, 11, 19, 37, 55, 87, 119)  # first Z of each period
+    period = next(p for p in range(1, 8) if z < starts[p])
+    k = z - starts[period - 1]  # 0-based place in its period
+    if period == 1:
+        return 1, 1 if k == 0 else 18
+    if period <= 3:
+        return period, k + 1 if k < 2 else k + 11
+    if period <= 5:
+        return period, k + 1
+    # periods 6 and 7: the 14 f-block elements after group 2 share group 3
+    if k < 2:
+        return period, k + 1
+    if k < 17:
+        return period, 3
+    return period, k - 13
+
+
+def nearest_known(z: int, known: Iterable[int]) -> int:
+    """The known element closest to ``z`` in the periodic table: fewest groups apart first (chemistry follows the
+    group), then fewest periods, then the lighter."""
+    p, g = periodic_position(z)
+    return min(known, key=lambda k: (abs(periodic_position(k)[1] - g), abs(periodic_position(k)[0] - p), k))
+
+
+def init_potential(model: nn.Module, base: Base, data_elements: Iterable[int], new_elements: str = "nearest",
+                   **potential_options: Any) -> tuple[Potential, list[int]]:
+    """The run's Potential: ``model`` (freshly built from the base's options) with the base's weights; the
+    embedding rows of elements the base never saw start as ``new_elements`` says:
+
+    * ``nearest``: a copy of the row of the known element nearest in the periodic table (:func:`nearest_known`),
+      so the new element starts as its chemical neighbour (Ni as Cu, S as O) and training only has to learn the
+      difference;
+    * ``mean``: the mean of the known elements' rows;
+    * ``random``: the fresh initialisation of a model built from scratch.
 
     Reference energies start as the base's (new elements at 0); :func:`fit_reference_energies` fits them.
 
     Returns:
         (the potential, the new elements).
     """
+    if new_elements not in NEW_ELEMENTS:
+        raise PotentialsInputError(f"finetune.new_elements={new_elements!r}: choose one of {', '.join(NEW_ELEMENTS)}")
     new = sorted(set(int(z) for z in data_elements) - set(base.elements))
     fresh = {name: m.weight.detach().clone() for name, m in embedding_tables(model)}
     model.double()  # holds float32 and float64 weights exactly; the run casts to its dtype afterwards
     model.load_state_dict(base.state)
-    if new and base.elements:  # a base without any known element has nothing to keep: all rows are its own
+    known = [int(z) for z in base.elements]
+    if new and known:  # a base without any known element has nothing to keep: all rows are its own
         with torch.no_grad():
             for name, m in embedding_tables(model):
-                m.weight[new] = fresh[name][new].to(m.weight.dtype)
+                for z in new:
+                    if new_elements == "nearest":
+                        m.weight[z] = m.weight[nearest_known(z, known)]
+                    elif new_elements == "mean":
+                        m.weight[z] = m.weight[known].mean(dim=0)
+                    else:
+                        m.weight[z] = fresh[name][z].to(m.weight.dtype)
     potential = Potential(model, base.cutoff, atomic_energies={**base.atomic_energies, **{z: 0.0 for z in new}},
                           scale=base.scale, shift=base.shift, **potential_options)
     return potential, new
