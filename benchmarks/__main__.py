@@ -46,7 +46,8 @@ def _record(framework: str, label: str, request: dict, settings: suite.Settings,
 
 
 def _common(settings: suite.Settings, task: str, dtype: str, cfg: dict) -> dict:
-    return {"task": task, "dtype": dtype, "threads": settings.threads, "model": cfg, "seed": 0}
+    return {"task": task, "dtype": dtype, "threads": settings.threads, "device": settings.device, "model": cfg,
+            "seed": 0}
 
 
 def run_infer(settings: suite.Settings, paths: dict[str, Path]) -> list[dict]:
@@ -97,8 +98,10 @@ def run_accuracy(settings: suite.Settings, splits: dict[str, Path]) -> list[dict
 
 def cell_key(dataset: str, label: str, request: dict) -> str:
     """What makes two accuracy cells the same measurement: the data set, the model label and every request field
-    but the (cache-folder) file paths, which the data set's name and split seed already fix."""
-    kept = {k: v for k, v in request.items() if k not in ("train", "val", "tests")}
+    but the (cache-folder) file paths, which the data set's name and split seed already fix. ``device`` "cpu" is
+    left out, so cells of reports written before requests named a device (all on the CPU) are still taken over."""
+    kept = {k: v for k, v in request.items()
+            if k not in ("train", "val", "tests") and not (k == "device" and v == "cpu")}
     return json.dumps({"dataset": dataset, "label": label, **kept}, sort_keys=True, default=str)
 
 
@@ -144,8 +147,8 @@ def run_roofline(settings: suite.Settings, paths: dict[str, Path]) -> dict:
         log("roofs             GEMM peak and memory bandwidth (ours)")
         try:
             policy = None if settings.omp_wait_policy == "none" else settings.omp_wait_policy
-            return peers.run_worker("ours", {"task": "roofs", "threads": settings.threads}, timeout=600,
-                                    wait_policy=policy, malloc=settings.malloc)
+            return peers.run_worker("ours", {"task": "roofs", "threads": settings.threads, "device": settings.device},
+                                    timeout=600, wait_policy=policy, malloc=settings.malloc)
         except peers.PeerError as exc:
             return {"error": str(exc)}
 
@@ -158,18 +161,35 @@ def run_roofline(settings: suite.Settings, paths: dict[str, Path]) -> dict:
     return out
 
 
-def _versions(records: dict) -> dict:
-    out = {}
+def _results(records: dict):
+    """(framework, result) of every measured record of every part."""
     for recs in records.values():
         if isinstance(recs, dict):  # the roofline part: its model records
             recs = recs.get("models", [])
         if not isinstance(recs, list):
             continue
         for rec in recs:
-            if isinstance(rec, dict) and "result" in rec and "versions" in rec["result"]:
-                v = rec["result"]["versions"]
-                out.setdefault(rec["framework"], ", ".join(f"{k} {x}" for k, x in v.items()))
+            if isinstance(rec, dict) and isinstance(rec.get("result"), dict) and "framework" in rec:
+                yield rec["framework"], rec["result"]
+
+
+def _versions(records: dict) -> dict:
+    out = {}
+    for framework, res in _results(records):
+        if "versions" in res:
+            out.setdefault(framework, ", ".join(f"{k} {x}" for k, x in res["versions"].items()))
     return out
+
+
+def _devices(records: dict) -> dict:
+    """Framework → the device(s) its results were measured on, as the workers recorded them ("cpu" for results
+    written before workers recorded a device)."""
+    out: dict[str, list[str]] = {}
+    for framework, res in _results(records):
+        device = res.get("device", "cpu")
+        if device not in out.setdefault(framework, []):
+            out[framework].append(device)
+    return {framework: ", ".join(devices) for framework, devices in out.items()}
 
 
 def run(args: argparse.Namespace) -> list[Path]:
@@ -187,7 +207,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         if not only:
             return written
     settings = suite.Settings.make(
-        args.quick, threads=args.threads, budget_s=args.budget,
+        args.quick, threads=args.threads, device=args.device, budget_s=args.budget,
         dtypes=tuple(args.dtypes.split(",")) if args.dtypes else None,
         infer_structures=tuple(args.structures.split(",")) if args.structures else None,
         roofline_structures=tuple(args.structures.split(",")) if args.structures else None,
@@ -268,6 +288,7 @@ def write(run_data: dict, out: Path) -> list[Path]:
                    f"OMP_WAIT_POLICY={settings['omp_wait_policy']}, glibc malloc {settings.get('malloc', 'system')} "
                    "(the same for every framework)",
         "versions": _versions(records) or "n/a",
+        "devices": _devices(records) or "n/a",
         "settings": {k: v for k, v in settings.items() if k != "models"},
     }
     written = []
@@ -318,6 +339,10 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--dtypes", help="comma-separated subset of float32,float64")
     r.add_argument("--structures", help="inference (and roofline) structures, e.g. si64,cu500,ethanol,oc20")
     r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--device", default="cpu", choices=suite.DEVICES,
+                   help="torch device of every worker: cpu (default), cuda, or auto (cuda where the worker's torch "
+                        "sees a GPU, else cpu); the report lists the device each framework ran on. The roofline "
+                        "part measures the CPU only (auto: cpu there; cuda: refused)")
     r.add_argument("--rounds", type=int, help="repeat the inference part this many times, models interleaved; "
                                               "the report gives the median over rounds and their spread")
     r.add_argument("--budget", type=float, help="seconds of training per model (and per data set) for the accuracy "

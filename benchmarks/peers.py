@@ -14,6 +14,12 @@ Pins:
     * fairchem-core 2.24.0 plus ase. Its Linux requirements include ``cuda-python`` and
       ``nvidia-cutlass-dsl`` wheels (about 2.4 GB in all); these are installed, not used, on CPU.
 
+CUDA: the torch step installs from pip's configured index (here: the CPU build). Set ``POTENTIALS_BENCH_TORCH_INDEX``
+to a PyTorch wheel index (e.g. ``https://download.pytorch.org/whl/cu128``) before the venvs are built, and the torch
+step installs the same pinned version from there instead (``pip install torch==2.13.0 --index-url <url>``: a CUDA
+build); the index is recorded in the marker, and a venv built from another index is rebuilt while the variable is
+set. Unset, any ready venv is used as it is.
+
 A worker reads one JSON request on stdin and prints one JSON object as its last stdout line.
 """
 
@@ -34,6 +40,8 @@ VENV_ROOT = BENCH_DIR / ".venvs"
 WORKER_DIR = BENCH_DIR / "workers"
 MARKER = "potentials-peer.json"
 TORCH_PIN = "torch==2.13.0"
+#: Environment variable naming the package index the peer venvs' torch is installed from (a CUDA build's index).
+TORCH_INDEX_ENV = "POTENTIALS_BENCH_TORCH_INDEX"
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,26 @@ class PeerSpec:
     def pins(self) -> list[str]:
         """All requirement strings that define this venv, torch first."""
         return [self.torch, *self.packages]
+
+    def torch_install(self, index: str | None = None) -> list[str]:
+        """pip arguments of the first install step: the pinned torch, from ``index`` (a PyTorch wheel index such as
+        ``https://download.pytorch.org/whl/cu128``) where given, else from pip's configured index."""
+        return [self.torch, "--index-url", index] if index else [self.torch]
+
+
+def torch_index() -> str | None:
+    """The index of ``POTENTIALS_BENCH_TORCH_INDEX`` (None where unset or empty).
+
+    Raises:
+        PeerError: the value is not an http(s) URL.
+    """
+    index = os.environ.get(TORCH_INDEX_ENV, "").strip()
+    if not index:
+        return None
+    if not index.startswith(("https://", "http://")):
+        raise PeerError(f"{TORCH_INDEX_ENV}={index!r} is not a package index URL; give one such as "
+                        "https://download.pytorch.org/whl/cu128 (PyTorch's wheel index for CUDA 12.8), or unset it")
+    return index.rstrip("/")
 
 
 PEERS: dict[str, PeerSpec] = {
@@ -112,10 +140,13 @@ def read_marker(peer: str) -> dict | None:
 
 
 def is_ready(peer: str) -> bool:
-    """True if the venv exists and its marker records the current pins."""
+    """True if the venv exists and its marker records the current pins (and, where ``POTENTIALS_BENCH_TORCH_INDEX``
+    is set, that torch came from that index)."""
     pins = _spec(peer).pins
     marker = read_marker(peer)
-    return bool(marker) and marker.get("pins") == pins and venv_python(peer).exists()
+    index = torch_index()
+    return (bool(marker) and marker.get("pins") == pins and venv_python(peer).exists()
+            and (index is None or marker.get("torch_index") == index))
 
 
 def _run(cmd: list[str], log, env: dict[str, str] | None = None) -> None:
@@ -157,6 +188,7 @@ def ensure_venv(peer: str, *, force: bool = False, python: str | None = None) ->
     spec = _spec(peer)
     if is_ready(peer) and not force:
         return read_marker(peer)
+    index = torch_index()
     target = venv_dir(peer)
     if target.exists():
         shutil.rmtree(target)
@@ -169,11 +201,11 @@ def ensure_venv(peer: str, *, force: bool = False, python: str | None = None) ->
         pip = [str(venv_python(peer)), "-m", "pip", "install", "--disable-pip-version-check"]
         constraints = target / "torch-constraint.txt"
         constraints.write_text(spec.torch + "\n")
-        # torch first, alone: the local CPU build satisfies the pin, so later steps keep it.
-        _run([*pip, spec.torch], log)
+        # torch first, alone (from the CUDA index where one is set): it satisfies the pin, so later steps keep it.
+        _run([*pip, *spec.torch_install(index)], log)
         _run([*pip, "-c", str(constraints), *spec.pins], log)
         _run([str(venv_python(peer)), "-c", spec.smoke], log)
-    marker = {"peer": peer, "pins": spec.pins, "versions": installed_versions(peer)}
+    marker = {"peer": peer, "pins": spec.pins, "torch_index": index, "versions": installed_versions(peer)}
     (target / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return marker
 
@@ -200,6 +232,16 @@ def parse_worker_output(stdout: str) -> dict:
             return result
     tail = "\n".join(stdout.strip().splitlines()[-5:])
     raise PeerError(f"worker printed no JSON result; last lines of its output:\n{tail}")
+
+
+def reported_error(stdout: str) -> str | None:
+    """The ``error`` a worker printed as its JSON result, or None if it printed none."""
+    prefix = "worker reported an error: "
+    try:
+        parse_worker_output(stdout)
+    except PeerError as exc:
+        return str(exc)[len(prefix):] if str(exc).startswith(prefix) else None
+    return None
 
 
 def worker_env(threads: int, wait_policy: str | None = "PASSIVE", pythonpath: str | None = None,
@@ -257,7 +299,9 @@ def run_worker(peer: str, request: dict, *, timeout: float = 3600.0, wait_policy
         raise PeerError(f"{peer} worker exceeded {timeout:.0f} s on task {request.get('task')!r}") from exc
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise PeerError(f"{peer} worker exited with {proc.returncode} on task {request.get('task')!r}:\n{tail}")
+        head = f"{peer} worker exited with {proc.returncode} on task {request.get('task')!r}"
+        reported = reported_error(proc.stdout)  # the worker's own error first, so that reports show it
+        raise PeerError(f"{head}: {reported}\n{tail}" if reported else f"{head}:\n{tail}")
     return parse_worker_output(proc.stdout)
 
 

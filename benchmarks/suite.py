@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 CUTOFF = 5.0
 
+#: Values of ``--device`` (the same words as the workers' ``device`` request field).
+DEVICES = ("auto", "cpu", "cuda")
+
 #: mace.modules.ScaleShiftMACE; correlation 3, 2 interactions, 8 Bessel, polynomial cutoff 5, max_ell 3.
 MACE_MODELS: dict[str, dict] = {
     "mace-64": {"channels": 64, "max_L": 1, "correlation": 3, "r_max": CUTOFF, "num_interactions": 2},
@@ -101,6 +104,9 @@ class Settings:
 
     quick: bool = False
     threads: int = 2
+    #: torch device of every worker: "cpu" (the default, so reports of CPU machines stay comparable), "cuda", or
+    #: "auto" (cuda where the worker's torch sees a GPU, else the CPU); each result records the device it used.
+    device: str = "cpu"
     dtypes: tuple[str, ...] = ("float32", "float64")
     infer_structures: tuple[str, ...] = ("si64", "cu500", "ethanol", "oc20")
     warmup: int = 5  # TorchScript's profiling executor (MACE/e3nn) optimises only after a few calls
@@ -135,6 +141,8 @@ class Settings:
         for key, value in overrides.items():
             if value is not None:
                 setattr(base, key, value)
+        if base.device not in DEVICES:
+            raise ValueError(f"device must be one of {list(DEVICES)}, got {base.device!r}")
         return base
 
 

@@ -52,6 +52,65 @@ def versions(names: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+#: Values of the request's ``device`` field: ``auto`` is CUDA where this worker's torch sees a GPU, else the CPU.
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(request: dict, peer: str, cuda_ok: bool = True):
+    """The torch device the request asks for (``device``: auto, cpu or cuda; default cpu).
+
+    Args:
+        peer: the framework's name, for the error message.
+        cuda_ok: False for tasks that measure the CPU only; ``auto`` then means the CPU and ``cuda`` is refused.
+
+    Raises:
+        ValueError: an unknown device, or ``cuda`` where the task or this worker's torch cannot use it.
+    """
+    import torch
+
+    asked = str(request.get("device", "cpu"))
+    if asked not in DEVICES:
+        raise ValueError(f"request field 'device' must be one of {list(DEVICES)}, got {asked!r}")
+    if asked == "cuda" and not cuda_ok:
+        raise ValueError(f"the {request['task']!r} task of the {peer} worker measures the CPU only; run it with "
+                         "device cpu (--device cpu)")
+    available = cuda_ok and torch.cuda.is_available()
+    if asked == "cuda" and not available:
+        build = (f"a CUDA {torch.version.cuda} build that finds no usable GPU" if torch.version.cuda
+                 else "a CPU-only build")
+        raise RuntimeError(
+            f"device 'cuda' was asked of the {peer} worker, but its torch {torch.__version__} ({sys.executable}) "
+            f"is {build}: torch.cuda.is_available() is False. Install a CUDA build of torch into that environment "
+            "(for the peer venvs: set POTENTIALS_BENCH_TORCH_INDEX to a PyTorch CUDA wheel index and run "
+            "'python -m benchmarks setup --force', see docs/benchmarks.md), or run with --device auto or cpu.")
+    return torch.device("cuda" if asked == "cuda" or (asked == "auto" and available) else "cpu")
+
+
+def device_name(device) -> str:
+    """``"cpu"`` or e.g. ``"cuda:0 (NVIDIA H100 80GB HBM3)"``: the device a result was measured on."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
+def synchronizer(device) -> Callable[[], None]:
+    """What to call before reading the clock: waits for the device's queued kernels on CUDA, nothing on the CPU."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return _no_sync
+
+
+def _no_sync() -> None:
+    return None
+
+
 def setup_torch(request: dict):
     """Seed, thread count and default dtype from the request; return the dtype."""
     import torch
@@ -75,14 +134,19 @@ def error_summary(e_err: list, e_atom: list, f_err: list, s_err: list) -> dict:
     return res
 
 
-def time_steps(step: Callable[[], object], warmup: int, steps: int) -> list[float]:
-    """Call ``step`` ``warmup`` times untimed, then ``steps`` times; return each timed call's seconds."""
+def time_steps(step: Callable[[], object], warmup: int, steps: int,
+               sync: Callable[[], None] = _no_sync) -> list[float]:
+    """Call ``step`` ``warmup`` times untimed, then ``steps`` times; return each timed call's seconds.
+
+    ``sync`` (see :func:`synchronizer`) runs before every clock reading, so a GPU's queued work is counted."""
     for _ in range(warmup):
         step()
     times = []
     for _ in range(steps):
+        sync()
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
     return times
 
@@ -136,7 +200,8 @@ def loss_weights(fraction: float, optimizer=None, stage_two: bool = True) -> tup
 
 
 def train_for_budget(epochs: Callable[[], object], step: Callable[[object, float], None],
-                     evaluate: Callable[[], dict], budget_s: float, n_points: int = 8) -> dict:
+                     evaluate: Callable[[], dict], budget_s: float, n_points: int = 8,
+                     sync: Callable[[], None] = _no_sync) -> dict:
     """Optimiser steps until ``budget_s`` seconds of stepping have passed, evaluating at log-spaced times.
 
     Only the ``step`` calls count against the budget; ``evaluate`` pauses the clock.
@@ -147,6 +212,7 @@ def train_for_budget(epochs: Callable[[], object], step: Callable[[object, float
         evaluate: returns a dict of metrics; called at ``n_points`` times log-spaced up to the budget
             (halving from the end) and once at the end.
         budget_s: seconds of optimiser steps.
+        sync: called before every clock reading (:func:`synchronizer`: waits for the GPU on CUDA).
 
     Returns:
         ``{"train_s", "steps", "epochs", "curve": [{"elapsed_s", "steps", "epoch", **metrics}]}``.
@@ -165,8 +231,10 @@ def train_for_budget(epochs: Callable[[], object], step: Callable[[object, float
         state["epoch"] += 1
         n_before = state["steps"]
         for batch in epochs():
+            sync()
             t0 = time.perf_counter()
             step(batch, state["elapsed"] / budget_s)
+            sync()
             state["elapsed"] += time.perf_counter() - t0
             state["steps"] += 1
             while marks and state["elapsed"] >= marks[0]:
@@ -196,11 +264,12 @@ def read_frames(entry: dict) -> tuple[list, int]:
 
 
 def measure_infer(name: str, n_atoms: int, n_edges: int, model_step: Callable[[], dict],
-                  build_graph: Callable[[], object], full_step: Callable[[], dict], warmup: int, steps: int) -> dict:
+                  build_graph: Callable[[], object], full_step: Callable[[], dict], warmup: int, steps: int,
+                  sync: Callable[[], None] = _no_sync) -> dict:
     """Time the model on a prebuilt graph, graph building alone, and both; ``model_step()`` returns "energy"."""
-    model_t = time_steps(model_step, warmup, steps)
-    graph_t = time_steps(build_graph, 1, steps)
-    total_t = time_steps(full_step, 1, steps)
+    model_t = time_steps(model_step, warmup, steps, sync)
+    graph_t = time_steps(build_graph, 1, steps, sync)
+    total_t = time_steps(full_step, 1, steps, sync)
     energy = float(model_step()["energy"].sum())
     return infer_entry(name, n_atoms, n_edges, graph_t, model_t, total_t, energy)
 
@@ -213,12 +282,13 @@ def train_entry(name: str, batch_size: int, atoms_per_batch: float, times: list[
 
 
 def result(peer: str, names: tuple[str, ...], request: dict, model: dict, warmup: int, steps: int,
-           results: list[dict]) -> dict:
-    """The JSON answer of an infer or train_step task."""
+           results: list[dict], device) -> dict:
+    """The JSON answer of an infer or train_step task; ``device``: the torch device it ran on."""
     import torch
 
     return {"peer": peer, "versions": versions(names), "model": model, "dtype": request.get("dtype", "float32"),
-            "threads": torch.get_num_threads(), "warmup": warmup, "steps": steps, "results": results}
+            "threads": torch.get_num_threads(), "device": device_name(device), "warmup": warmup, "steps": steps,
+            "results": results}
 
 
 def dispatch(request: dict, tasks: dict[str, Callable[[dict], dict]]) -> dict:

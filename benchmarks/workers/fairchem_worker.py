@@ -6,19 +6,31 @@ Request keys (JSON):
     model: {"sphere_channels": 64, "hidden_channels": 64, "edge_channels": 64, "num_distance_basis": 64,
             "lmax": 2, "mmax": 2, "num_layers": 2, "cutoff": 5.0, "max_neighbors": 300,
             "forces": "conservative" | "direct", "act_type": "gate" | "s2", "ff_type": "grid" | "spectral"}
-    dtype, threads, warmup, steps, seed: as for every worker.
+    dtype, threads, warmup, steps, seed, device (cpu, cuda or auto): as for every worker.
 
 The model is ``fairchem.core.models.uma.escn_md.eSCNMDBackbone`` (the UMA backbone without mixture of
 linear experts, dataset embedding off) with ``MLP_EFS_Head`` (conservative: forces and stress by autograd)
 or ``MLP_Energy_Head`` + ``Linear_Force_Head`` (direct forces, no stress), random weights.
-Graphs: fairchem's own ``generate_graph`` (radius_graph_pbc v2, the default of its inference path).
+Graphs: fairchem's own ``generate_graph`` (radius_graph_pbc v2, the default of its inference path), built on the
+request's device: the AtomicData is moved there first (``AtomicData.to``), as fairchem's predict path does.
 """
 
 from __future__ import annotations
 
 import ase.io
 import torch
-from _common import dispatch, measure_infer, read_frames, result, run, setup_torch, time_steps, train_entry
+from _common import (
+    dispatch,
+    measure_infer,
+    read_frames,
+    resolve_device,
+    result,
+    run,
+    setup_torch,
+    synchronizer,
+    time_steps,
+    train_entry,
+)
 from fairchem.core.datasets.atomic_data import AtomicData, atomicdata_list_to_batch
 from fairchem.core.graph.compute import generate_graph
 from fairchem.core.models.uma.escn_md import (
@@ -79,9 +91,9 @@ def model_config(request: dict) -> dict:
     return {**DEFAULTS, **request.get("model", {})}
 
 
-def to_data(atoms: ase.Atoms, dtype: torch.dtype) -> AtomicData:
-    """One AtomicData without edges (fairchem builds them itself)."""
-    return AtomicData.from_ase(atoms, r_edges=False, target_dtype=dtype)
+def to_data(atoms: ase.Atoms, dtype: torch.dtype, device: torch.device | str = "cpu") -> AtomicData:
+    """One AtomicData without edges (fairchem builds them itself), its tensors on ``device``."""
+    return AtomicData.from_ase(atoms, r_edges=False, target_dtype=dtype).to(device)
 
 
 def attach_graph(data: AtomicData, cfg: dict) -> int:
@@ -101,16 +113,17 @@ def n_params(model: torch.nn.Module) -> int:
 def infer(request: dict) -> dict:
     """E+F+S per step: model on a prebuilt graph, graph building alone, and both (fairchem's otf path)."""
     dtype = setup_torch(request)
+    device = resolve_device(request, "fairchem")
     cfg = model_config(request)
     warmup, steps = int(request.get("warmup", 3)), int(request.get("steps", 10))
     results, params = [], None
     for entry in request["structures"]:
         atoms = ase.io.read(entry["path"], index=0)
         periodic = bool(atoms.pbc.all())
-        model = EnergyForceModel(cfg, periodic)
+        model = EnergyForceModel(cfg, periodic).to(device)
         model.eval()
         params = n_params(model)
-        data = to_data(atoms, dtype)
+        data = to_data(atoms, dtype, device)
         n_edges = attach_graph(data, cfg)
 
         def model_step(data=data, model=model):
@@ -118,22 +131,23 @@ def infer(request: dict) -> dict:
             return model(data)
 
         def build_graph(atoms=atoms):
-            d = to_data(atoms, dtype)
+            d = to_data(atoms, dtype, device)
             attach_graph(d, cfg)
             return d
 
         def full_step(atoms=atoms, model=model):
             model.backbone.otf_graph = True
-            return model(to_data(atoms, dtype))
+            return model(to_data(atoms, dtype, device))
 
         results.append(measure_infer(entry.get("name", entry["path"]), len(atoms), n_edges, model_step, build_graph,
-                                     full_step, warmup, steps))
-    return result("fairchem", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results)
+                                     full_step, warmup, steps, synchronizer(device)))
+    return result("fairchem", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results, device)
 
 
 def train_step(request: dict) -> dict:
     """Seconds per optimiser step (loss: per-atom energy MSE + 100 × force MSE), graphs prebuilt."""
     dtype = setup_torch(request)
+    device = resolve_device(request, "fairchem")
     cfg = model_config(request)
     warmup, steps = int(request.get("warmup", 2)), int(request.get("steps", 5))
     results, params = [], None
@@ -141,10 +155,10 @@ def train_step(request: dict) -> dict:
         frames, bs = read_frames(entry)
         batches = []
         for k in range(0, len(frames) - bs + 1, bs):
-            batch = atomicdata_list_to_batch([to_data(a, dtype) for a in frames[k:k + bs]])
+            batch = atomicdata_list_to_batch([to_data(a, dtype) for a in frames[k:k + bs]]).to(device)
             attach_graph(batch, cfg)
             batches.append(batch)
-        model = EnergyForceModel(cfg, periodic=False)
+        model = EnergyForceModel(cfg, periodic=False).to(device)
         model.backbone.otf_graph = False
         model.train()
         params = n_params(model)
@@ -162,8 +176,8 @@ def train_step(request: dict) -> dict:
             opt.step()
 
         results.append(train_entry(entry.get("name", entry["path"]), bs, sum(len(a) for a in frames) / len(frames) * bs,
-                                   time_steps(step, warmup, steps)))
-    return result("fairchem", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results)
+                                   time_steps(step, warmup, steps, synchronizer(device))))
+    return result("fairchem", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results, device)
 
 
 def main(request: dict) -> dict:

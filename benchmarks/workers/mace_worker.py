@@ -6,9 +6,11 @@ Request keys (JSON):
     model: {"channels": 64, "max_L": 1, "correlation": 3, "r_max": 5.0, "num_interactions": 2,
             "num_bessel": 8, "num_polynomial_cutoff": 5, "max_ell": 3}
     dtype: "float32" | "float64";  threads: int;  warmup: int;  steps: int;  seed: int
+    device: "cpu" (default) | "cuda" | "auto" (cuda where this venv's torch sees a GPU)
 The model is ``mace.modules.ScaleShiftMACE`` as mace's own ``--model MACE`` builds it (first interaction
 RealAgnosticInteractionBlock, then RealAgnosticResidualInteractionBlock, MLP_irreps 16x0e, radial MLP
-[64, 64, 64], SiLU gate), with random weights and ``avg_num_neighbors`` measured on the structure.
+[64, 64, 64], SiLU gate), with random weights and ``avg_num_neighbors`` measured on the structure. Graphs are
+built on the CPU (mace's matscipy neighbour list) and moved, collated, to the device of the model.
 """
 
 from __future__ import annotations
@@ -17,7 +19,18 @@ import ase.io
 import mace  # noqa: F401  (mace must be imported before e3nn so that its e3nn 0.4.4 patches apply)
 import numpy as np
 import torch
-from _common import dispatch, measure_infer, read_frames, result, run, setup_torch, time_steps, train_entry
+from _common import (
+    dispatch,
+    measure_infer,
+    read_frames,
+    resolve_device,
+    result,
+    run,
+    setup_torch,
+    synchronizer,
+    time_steps,
+    train_entry,
+)
 from e3nn import o3
 from mace import data as mace_data
 from mace import modules
@@ -87,10 +100,10 @@ def to_data(atoms_list: list[ase.Atoms], z_table: AtomicNumberTable, r_max: floa
     return [mace_data.AtomicData.from_config(c, z_table=z_table, cutoff=r_max) for c in configs]
 
 
-def collate(graphs: list) -> dict:
-    """One batch dict from AtomicData graphs."""
+def collate(graphs: list, device: torch.device | str = "cpu") -> dict:
+    """One batch dict from AtomicData graphs, its tensors on ``device``."""
     loader = torch_geometric.dataloader.DataLoader(graphs, batch_size=len(graphs), shuffle=False)
-    return next(iter(loader)).to_dict()
+    return next(iter(loader)).to(device).to_dict()
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -104,6 +117,7 @@ def _described(cfg: dict, params: int | None) -> dict:
 def infer(request: dict) -> dict:
     """E+F+S per step on each structure: model alone, graph building alone, and both."""
     setup_torch(request)
+    device = resolve_device(request, "mace")
     cfg = model_config(request)
     warmup, steps = int(request.get("warmup", 3)), int(request.get("steps", 10))
     results, params = [], None
@@ -114,11 +128,11 @@ def infer(request: dict) -> dict:
         periodic = bool(atoms.pbc.all())
 
         def build_graph(atoms=atoms, z_table=z_table):
-            return collate(to_data([atoms], z_table, cfg["r_max"]))
+            return collate(to_data([atoms], z_table, cfg["r_max"]), device)
 
         batch = build_graph()
         n_edges = int(batch["edge_index"].shape[1])
-        model = build_model(cfg, zs, avg_num_neighbors=n_edges / len(atoms))
+        model = build_model(cfg, zs, avg_num_neighbors=n_edges / len(atoms)).to(device)
         model.eval()
         params = n_params(model)
 
@@ -130,13 +144,14 @@ def infer(request: dict) -> dict:
             return model(build_graph(), training=False, compute_force=True, compute_stress=periodic)
 
         results.append(measure_infer(entry.get("name", entry["path"]), len(atoms), n_edges, model_step, build_graph,
-                                     full_step, warmup, steps))
-    return result("mace", VERSIONS, request, _described(cfg, params), warmup, steps, results)
+                                     full_step, warmup, steps, synchronizer(device)))
+    return result("mace", VERSIONS, request, _described(cfg, params), warmup, steps, results, device)
 
 
 def train_step(request: dict) -> dict:
     """Seconds per optimiser step (forces in the loss, energy 1 : forces 100) on batches of each file."""
     setup_torch(request)
+    device = resolve_device(request, "mace")
     cfg = model_config(request)
     warmup, steps = int(request.get("warmup", 2)), int(request.get("steps", 5))
     results, params = [], None
@@ -145,10 +160,10 @@ def train_step(request: dict) -> dict:
         zs = sorted({int(z) for a in frames for z in a.numbers})
         z_table = AtomicNumberTable(zs)
         graphs = to_data(frames, z_table, cfg["r_max"])
-        batches = [collate(graphs[k:k + bs]) for k in range(0, len(graphs) - bs + 1, bs)]
+        batches = [collate(graphs[k:k + bs], device) for k in range(0, len(graphs) - bs + 1, bs)]
         n_edges = sum(int(g.edge_index.shape[1]) for g in graphs)
         n_atoms = sum(len(a) for a in frames)
-        model = build_model(cfg, zs, avg_num_neighbors=n_edges / n_atoms)
+        model = build_model(cfg, zs, avg_num_neighbors=n_edges / n_atoms).to(device)
         model.train()
         params = n_params(model)
         loss_fn = modules.WeightedEnergyForcesLoss(energy_weight=1.0, forces_weight=100.0)
@@ -165,8 +180,8 @@ def train_step(request: dict) -> dict:
             opt.step()
 
         results.append(train_entry(entry.get("name", entry["path"]), bs, n_atoms / len(frames) * bs,
-                                   time_steps(step, warmup, steps)))
-    return result("mace", VERSIONS, request, _described(cfg, params), warmup, steps, results)
+                                   time_steps(step, warmup, steps, synchronizer(device))))
+    return result("mace", VERSIONS, request, _described(cfg, params), warmup, steps, results, device)
 
 
 class _Ref(dict):

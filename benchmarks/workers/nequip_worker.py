@@ -4,11 +4,15 @@ Request keys (JSON), as for the other workers:
     task: "infer" | "train_step" | "train_equal_time"
     model: {"builder": "preset" | "nequip" | "allegro", "r_max": 5.0, **builder keyword arguments}
     dtype: "float32" | "float64";  threads: int;  warmup: int;  steps: int;  seed: int
+    device: "cpu" (default) | "cuda" | "auto" (cuda where this venv's torch sees a GPU)
 The model is built by nequip's own model builders (``nequip.model.PresetNequIPGNNModel``,
 ``nequip.model.NequIPGNNModel`` or ``allegro.model.AllegroModel``), graphs by nequip's data pipeline
 (``from_ase``, ``ChemicalSpeciesToAtomTypeMapper``, ``NeighborListTransform``); energy, forces and stress come
 from the model's own autograd output block. nequip's global state (seeding, default dtype float64 for data,
 TorchScript fuser settings) is set as its training entry point sets it; ``model_dtype`` follows ``dtype``.
+Graphs are built and batched on the CPU and the batch's tensors moved to the device (``AtomicDataDict.to_``), as
+nequip's training loop moves each batch; in ``train_equal_time`` the move happens as batches are drawn, outside the
+timed step.
 
 Equal-time training (``train_equal_time``) follows nequip's documented defaults, the loop being the harness's
 shared one (same budget, splits, batch size 5, gradient clipping and evaluation points as every framework):
@@ -27,12 +31,15 @@ import numpy as np
 import torch
 from _common import (
     CLIP_GRAD_NORM,
+    device_name,
     dispatch,
     error_summary,
     measure_infer,
     read_frames,
+    resolve_device,
     result,
     run,
+    synchronizer,
     time_steps,
     train_entry,
     train_for_budget,
@@ -97,8 +104,13 @@ class Graphs:
     def one(self, atoms: ase.Atoms) -> dict:
         return self.neighbors(self.types(from_ase(atoms)))
 
-    def batch(self, frames: list) -> dict:
-        return AtomicDataDict.batched_from_list([self.one(a) for a in frames])
+    def batch(self, frames: list, device: torch.device | str = "cpu") -> dict:
+        return to_device(AtomicDataDict.batched_from_list([self.one(a) for a in frames]), device)
+
+
+def to_device(data: dict, device: torch.device | str) -> dict:
+    """A copy of the AtomicDataDict ``data`` with every tensor on ``device``."""
+    return AtomicDataDict.to_(dict(data), torch.device(device))
 
 
 def type_names_of(frames: list) -> list[str]:
@@ -111,15 +123,16 @@ def n_params(model: torch.nn.Module) -> int:
 
 def infer(request: dict) -> dict:
     model_dtype = setup(request)
+    device = resolve_device(request, "nequip")
     cfg = model_config(request)
     warmup, steps = int(request.get("warmup", 3)), int(request.get("steps", 10))
     results, params = [], None
     for entry in request["structures"]:
         atoms = ase.io.read(entry["path"], index=0)
         graphs = Graphs(type_names_of([atoms]), cfg["r_max"])
-        data = graphs.batch([atoms])
+        data = graphs.batch([atoms], device)
         n_edges = int(data[AtomicDataDict.EDGE_INDEX_KEY].shape[1])
-        model = build_model(cfg, type_names_of([atoms]), model_dtype, n_edges / len(atoms))
+        model = build_model(cfg, type_names_of([atoms]), model_dtype, n_edges / len(atoms)).to(device)
         model.eval()
         params = n_params(model)
 
@@ -128,15 +141,15 @@ def infer(request: dict) -> dict:
             return {"energy": out[AtomicDataDict.TOTAL_ENERGY_KEY].detach()}
 
         def build_graph(atoms=atoms, graphs=graphs):
-            return graphs.batch([atoms])
+            return graphs.batch([atoms], device)
 
         def full_step(model=model):
             out = model(dict(build_graph()))
             return {"energy": out[AtomicDataDict.TOTAL_ENERGY_KEY].detach()}
 
         results.append(measure_infer(entry.get("name", entry["path"]), len(atoms), n_edges, model_step, build_graph,
-                                     full_step, warmup, steps))
-    return result("nequip", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results)
+                                     full_step, warmup, steps, synchronizer(device)))
+    return result("nequip", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results, device)
 
 
 def train_step(request: dict) -> dict:
@@ -144,6 +157,7 @@ def train_step(request: dict) -> dict:
     from nequip.train import EnergyForceLoss
 
     model_dtype = setup(request)
+    device = resolve_device(request, "nequip")
     cfg = model_config(request)
     warmup, steps = int(request.get("warmup", 2)), int(request.get("steps", 5))
     results, params = [], None
@@ -151,13 +165,13 @@ def train_step(request: dict) -> dict:
         frames, bs = read_frames(entry)
         names = type_names_of(frames)
         graphs = Graphs(names, cfg["r_max"])
-        batches = [graphs.batch(frames[k:k + bs]) for k in range(0, len(frames) - bs + 1, bs)]
+        batches = [graphs.batch(frames[k:k + bs], device) for k in range(0, len(frames) - bs + 1, bs)]
         n_edges = sum(int(b[AtomicDataDict.EDGE_INDEX_KEY].shape[1]) for b in batches)
         n_atoms_used = sum(int(b[AtomicDataDict.POSITIONS_KEY].shape[0]) for b in batches)
-        model = build_model(cfg, names, model_dtype, n_edges / max(1, n_atoms_used))
+        model = build_model(cfg, names, model_dtype, n_edges / max(1, n_atoms_used)).to(device)
         model.train()
         params = n_params(model)
-        loss_fn = EnergyForceLoss(type_names=names)
+        loss_fn = EnergyForceLoss(type_names=names).to(device)  # a module of metrics: moved with the model
         opt = torch.optim.Adam(model.parameters(), lr=float(request.get("lr", 0.01)))
         counter = {"k": 0}
 
@@ -169,8 +183,8 @@ def train_step(request: dict) -> dict:
             opt.step()
 
         results.append(train_entry(entry.get("name", entry["path"]), bs, n_atoms_used / len(batches),
-                                   time_steps(step, warmup, steps)))
-    return result("nequip", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results)
+                                   time_steps(step, warmup, steps, synchronizer(device))))
+    return result("nequip", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results, device)
 
 
 def evaluate(model: torch.nn.Module, batches: list[dict], stress: bool) -> dict:
@@ -196,6 +210,7 @@ def train_equal_time(request: dict) -> dict:
     from nequip.train.ema import EMAWeights
 
     model_dtype = setup(request)
+    device = resolve_device(request, "nequip")
     cfg = model_config(request)
     budget, bs = float(request["budget_s"]), int(request.get("batch_size", 5))
     stress = bool(request.get("stress", False))
@@ -210,21 +225,22 @@ def train_equal_time(request: dict) -> dict:
     for name, path in sets.items():
         frames = ase.io.read(path, index=":")
         sizes[name] = len(frames)
-        evals[name] = [graphs.batch(frames[k:k + 50]) for k in range(0, len(frames), 50)]
+        evals[name] = [graphs.batch(frames[k:k + 50], device) for k in range(0, len(frames), 50)]
     n_atoms = sum(len(a) for a in train)
     avg_nb = sum(int(g[AtomicDataDict.EDGE_INDEX_KEY].shape[1]) for g in train_graphs) / n_atoms
     shift = float(np.mean([a.get_potential_energy() / len(a) for a in train]))
     scale = float(np.sqrt(np.mean(np.concatenate([a.get_forces().reshape(-1) for a in train]) ** 2)))
-    model = build_model(cfg, names, model_dtype, avg_nb, shift=shift, scale=scale, seed=int(request.get("seed", 0)))
-    loss_fn = (EnergyForceStressLoss if stress else EnergyForceLoss)(type_names=names)
+    model = build_model(cfg, names, model_dtype, avg_nb, shift=shift, scale=scale,
+                        seed=int(request.get("seed", 0))).to(device)
+    loss_fn = (EnergyForceStressLoss if stress else EnergyForceLoss)(type_names=names).to(device)
     lr = float(request.get("lr", 0.01))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    ema = EMAWeights(model, decay=float(request.get("ema_decay", 0.999)))
+    ema = EMAWeights(model, decay=float(request.get("ema_decay", 0.999))).to(device)
     gen = torch.Generator().manual_seed(int(request.get("seed", 0)))
 
     def epoch():
         order = torch.randperm(len(train_graphs), generator=gen).tolist()
-        return (AtomicDataDict.batched_from_list([train_graphs[k] for k in order[i:i + bs]])
+        return (to_device(AtomicDataDict.batched_from_list([train_graphs[k] for k in order[i:i + bs]]), device)
                 for i in range(0, len(order) - bs + 1, bs))
 
     def step(batch, fraction):
@@ -252,10 +268,11 @@ def train_equal_time(request: dict) -> dict:
     loss_fn(model(dict(warm)), dict(warm))["weighted_sum"].backward()
     loss_fn.reset()
     opt.zero_grad(set_to_none=True)
-    out = train_for_budget(epoch, step, metrics, budget, int(request.get("eval_points", 8)))
+    out = train_for_budget(epoch, step, metrics, budget, int(request.get("eval_points", 8)), synchronizer(device))
     final = out["curve"][-1]
     return {"peer": "nequip", "versions": versions(VERSIONS), "model": {**cfg, "n_params": n_params(model)},
-            "dtype": model_dtype, "threads": torch.get_num_threads(), "budget_s": budget, "batch_size": bs, "lr": lr,
+            "dtype": model_dtype, "threads": torch.get_num_threads(), "device": device_name(device),
+            "budget_s": budget, "batch_size": bs, "lr": lr,
             **out, "n_train": len(train), "n_val": sizes["val"], "n_test": sizes[next(iter(tests))],
             "sizes": sizes,
             "setup": {"loss": ("EnergyForceStressLoss 1:1:1" if stress else "EnergyForceLoss 1:1") + " (per-atom E)",

@@ -7,7 +7,9 @@ this project's models only: ``roofline`` (counted work, time and profile of a st
 
 Request ``model``: ``{"_target_": "potentials.models.egnn.EGNN", "cutoff": 5.0, **constructor kwargs}``;
 ``avg_num_neighbors`` is measured on the structure (or the training set) unless given. The model is wrapped in
-``potentials.potential.Potential``; graphs come from ``potentials.graph.AtomicGraph.from_atoms``.
+``potentials.potential.Potential``; graphs come from ``potentials.graph.AtomicGraph.from_atoms`` (neighbour lists
+on the CPU) and are moved to the request's ``device`` with the model. ``roofline`` and ``roofs`` measure the CPU
+only: for them ``auto`` means the CPU and ``cuda`` is refused.
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ import torch
 from _common import (
     CLIP_GRAD_NORM,
     STRESS_WEIGHT,
+    device_name,
     dispatch,
     error_summary,
     loss_weights,
     measure_infer,
     read_frames,
+    resolve_device,
     result,
     run,
     setup_torch,
+    synchronizer,
     time_steps,
     train_entry,
     train_for_budget,
@@ -71,6 +76,8 @@ def n_params(module: torch.nn.Module) -> int:
 
 def infer(request: dict) -> dict:
     dtype = setup_torch(request)
+    device = resolve_device(request, "ours")
+    sync = synchronizer(device)
     cfg = model_config(request)
     cutoff = float(cfg["cutoff"])
     warmup, steps = int(request.get("warmup", 3)), int(request.get("steps", 10))
@@ -78,9 +85,9 @@ def infer(request: dict) -> dict:
     for entry in request["structures"]:
         atoms = ase.io.read(entry["path"], index=0)
         periodic = bool(atoms.pbc.all())
-        batch = to_batch([atoms], cutoff, dtype)
+        batch = to_batch([atoms], cutoff, dtype).to(device)
         n_edges = int(batch.edge_index.shape[1])
-        pot = build_potential(cfg, n_edges / len(atoms)).to(dtype)
+        pot = build_potential(cfg, n_edges / len(atoms)).to(device=device, dtype=dtype)
         pot.eval()
         params = n_params(pot)
 
@@ -88,14 +95,14 @@ def infer(request: dict) -> dict:
             return pot(batch, compute_forces=True, compute_stress=periodic)
 
         def build_graph(atoms=atoms):
-            return to_batch([atoms], cutoff, dtype)
+            return to_batch([atoms], cutoff, dtype).to(device)
 
         def full_step(pot=pot, periodic=periodic):
             return pot(build_graph(), compute_forces=True, compute_stress=periodic)
 
         results.append(measure_infer(entry.get("name", entry["path"]), len(atoms), n_edges, model_step, build_graph,
-                                     full_step, warmup, steps))
-    return result("ours", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results)
+                                     full_step, warmup, steps, sync))
+    return result("ours", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results, device)
 
 
 def loss_fn(out: dict, batch: Batch, weights: tuple[float, ...] = (1.0, 100.0)) -> torch.Tensor:
@@ -113,16 +120,18 @@ def loss_fn(out: dict, batch: Batch, weights: tuple[float, ...] = (1.0, 100.0)) 
 
 def train_step(request: dict) -> dict:
     dtype = setup_torch(request)
+    device = resolve_device(request, "ours")
     cfg = model_config(request)
     cutoff = float(cfg["cutoff"])
     warmup, steps = int(request.get("warmup", 2)), int(request.get("steps", 5))
     results, params = [], None
     for entry in request["structures"]:
         frames, bs = read_frames(entry)
-        batches = [to_batch(frames[k:k + bs], cutoff, dtype) for k in range(0, len(frames) - bs + 1, bs)]
+        batches = [to_batch(frames[k:k + bs], cutoff, dtype).to(device) for k in range(0, len(frames) - bs + 1, bs)]
         n_atoms = sum(len(a) for a in frames)
         n_edges = sum(int(b.edge_index.shape[1]) for b in batches)
-        pot = build_potential(cfg, n_edges / max(1, sum(int(b.num_nodes) for b in batches))).to(dtype)
+        pot = build_potential(cfg, n_edges / max(1, sum(int(b.num_nodes) for b in batches))).to(device=device,
+                                                                                                  dtype=dtype)
         pot.train()
         params = n_params(pot)
         opt = torch.optim.AdamW(pot.parameters(), lr=float(request.get("lr", 5e-3)), amsgrad=True)
@@ -136,8 +145,8 @@ def train_step(request: dict) -> dict:
             opt.step()
 
         results.append(train_entry(entry.get("name", entry["path"]), bs, n_atoms / len(frames) * bs,
-                                   time_steps(step, warmup, steps)))
-    return result("ours", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results)
+                                   time_steps(step, warmup, steps, synchronizer(device))))
+    return result("ours", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results, device)
 
 
 def _roofline_step(pot: Potential, batch: Batch, mode: str, periodic: bool):
@@ -163,6 +172,7 @@ def roofline(request: dict) -> dict:
     from benchmarks import roofline as rl
 
     dtype = setup_torch(request)
+    device = resolve_device(request, "ours", cuda_ok=False)
     cfg = model_config(request)
     cutoff = float(cfg["cutoff"])
     warmup, steps = int(request.get("warmup", 2)), int(request.get("steps", 5))
@@ -186,7 +196,7 @@ def roofline(request: dict) -> dict:
                             "n_edges": n_edges, "median_ms": 1e3 * float(np.median(times)),
                             "min_ms": 1e3 * float(np.min(times)), "counts": counts.as_dict(), "profile": profile,
                             "load_avg_before_after": [list(load_before), list(load_after)]})
-    return result("ours", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results)
+    return result("ours", VERSIONS, request, {**cfg, "n_params": params}, warmup, steps, results, device)
 
 
 def roofs(request: dict) -> dict:
@@ -194,11 +204,12 @@ def roofs(request: dict) -> dict:
     from benchmarks import roofline as rl
 
     setup_torch(request)
+    device = resolve_device(request, "ours", cuda_ok=False)
     gemm = [rl.gemm_peak(n, repeats=int(request.get("repeats", 5))) for n in request.get("gemm_sizes", (2048, 3072))]
     narrow = [rl.narrow_gemm(*shape) for shape in request.get("narrow_shapes", ((21000, 64, 64), (21000, 128, 64)))]
     return {"gemm": gemm, "narrow_gemm": narrow, "bandwidth": rl.bandwidth(repeats=int(request.get("repeats", 5))),
             "gemm_gflops": max(g["gflops"] for g in gemm), "threads": torch.get_num_threads(),
-            "load_avg": list(os.getloadavg()), "versions": versions(VERSIONS)}
+            "load_avg": list(os.getloadavg()), "versions": versions(VERSIONS), "device": device_name(device)}
 
 
 def _reference_energies(frames: list[ase.Atoms]) -> tuple[dict, float, float]:
@@ -230,17 +241,19 @@ def evaluate(pot: Potential, batches: list[Batch], stress: bool = False) -> dict
 def train_equal_time(request: dict) -> dict:
     """Same protocol as the MACE baseline: AdamW amsgrad, EMA 0.99, batch 5, loss 1:100 then stage two."""
     dtype = setup_torch(request)
+    device = resolve_device(request, "ours")
     cfg = model_config(request)
     cutoff, bs = float(cfg["cutoff"]), int(request.get("batch_size", 5))
     train = ase.io.read(request["train"], index=":")
-    graphs = [AtomicGraph.from_atoms(a, cutoff, dtype=dtype) for a in train]
+    graphs = [AtomicGraph.from_atoms(a, cutoff, dtype=dtype).to(device) for a in train]
     tests = request.get("tests") or {"test": request["test"]}
     stress = bool(request.get("stress", False))
     chunks = {s: ase.io.read(p, index=":") for s, p in {"val": request["val"], **tests}.items()}
-    evals = {s: [to_batch(f[k:k + 50], cutoff, dtype) for k in range(0, len(f), 50)] for s, f in chunks.items()}
+    evals = {s: [to_batch(f[k:k + 50], cutoff, dtype).to(device) for k in range(0, len(f), 50)]
+             for s, f in chunks.items()}
     e0, shift, scale = _reference_energies(train)
     avg_nb = sum(int(g.edge_index.shape[1]) for g in graphs) / sum(len(a) for a in train)
-    pot = build_potential(cfg, avg_nb, atomic_energies=e0, scale=scale, shift=shift).to(dtype)
+    pot = build_potential(cfg, avg_nb, atomic_energies=e0, scale=scale, shift=shift).to(device=device, dtype=dtype)
     opt = torch.optim.AdamW(pot.parameters(), lr=float(request.get("lr", 0.01)), weight_decay=5e-7, amsgrad=True)
     ema = torch.optim.swa_utils.AveragedModel(
         pot, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(float(request.get("ema_decay", 0.99))))
@@ -271,11 +284,13 @@ def train_equal_time(request: dict) -> dict:
     warm = next(iter(epoch()))
     loss_fn(pot(warm, compute_forces=True, compute_stress=stress), warm).backward()
     opt.zero_grad(set_to_none=True)
-    out = train_for_budget(epoch, step, metrics, float(request["budget_s"]), int(request.get("eval_points", 8)))
+    out = train_for_budget(epoch, step, metrics, float(request["budget_s"]), int(request.get("eval_points", 8)),
+                           synchronizer(device))
     final = out["curve"][-1]
     return {"peer": "ours", "versions": versions(VERSIONS), "model": {**cfg, "n_params": n_params(pot)},
             "dtype": request.get("dtype", "float32"), "threads": torch.get_num_threads(),
-            "budget_s": float(request["budget_s"]), "batch_size": bs, "lr": float(request.get("lr", 0.01)), **out,
+            "device": device_name(device), "budget_s": float(request["budget_s"]), "batch_size": bs,
+            "lr": float(request.get("lr", 0.01)), **out,
             "n_train": len(train), "n_val": len(chunks["val"]), "n_test": len(chunks[next(iter(tests))]),
             "sizes": {k: len(v) for k, v in chunks.items()}, "stress": stress,
             "test_e_mae_meV": final["test_e_mae_meV"], "test_f_mae_meV_A": final["test_f_mae_meV_A"]}
