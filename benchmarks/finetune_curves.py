@@ -48,7 +48,8 @@ NAME = "finetune"
 FAMILIES = {
     "egnn": ["model=egnn", "model.channels=32", "model.num_layers=3"],
     "facet": ["model=facet"],
-    "equiformer_v2": ["model=equiformer_v2"],
+    # lmax 2 and two blocks instead of the preset's 3 and 3: a step about 1.5 s -> 0.4 s on one core here
+    "equiformer_v2": ["model=equiformer_v2", "model.lmax=2", "model.num_layers=2"],
 }
 COMMON = ["logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
           "trainer.max_time=null", "trainer.max_epochs=-1", "figures=false", "demo_relax=false", "export=true",
