@@ -244,6 +244,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             meta["machine_end"] = report.machine_info()
             raw.write_text(json.dumps({"meta": meta, "records": {"accuracy": records}}, indent=1, default=str))
 
+        meta["planned_cells"] = [[task.name, label] for task in tasks for label, _, _ in _accuracy_models(settings)]
         steps["accuracy"] = lambda: run_datasets(settings, tasks, previous, save)
     for part in PARTS:
         if part in only:
@@ -255,6 +256,12 @@ def run(args: argparse.Namespace) -> list[Path]:
             raw.write_text(json.dumps(part_data, indent=1, default=str))
             written += write(part_data, out)
     return written
+
+
+def pending_cells(planned: list[list[str]], records: list[dict]) -> list[list[str]]:
+    """The planned (set, model) cells without a finished record."""
+    done = {(r.get("dataset"), r.get("label")) for r in records if "result" in r}
+    return [cell for cell in planned if tuple(cell) not in done]
 
 
 def _previous_cells(raw: Path, meta: dict) -> list[dict]:
@@ -309,6 +316,12 @@ def write(run_data: dict, out: Path) -> list[Path]:
         elif part == "accuracy" and any("dataset" in r for r in recs):
             sections = report.dataset_sections(recs, settings["budget_s"], out, name,
                                                settings.get("eval_points", 8))
+            pending = pending_cells(meta.get("planned_cells", []), recs)
+            if pending:
+                sections.insert(0, ("Cells not measured yet", f"{len(pending)} of {len(meta['planned_cells'])} "
+                                    "(set, model) cells of this command have no result yet; rerunning the command "
+                                    "with `--resume` trains only these: " + ", ".join(
+                                        f"{dataset} × {label}" for dataset, label in pending) + "."))
         elif part == "roofline":
             roofline_report.plot(recs, out / f"{name}.png")
             sections = roofline_report.sections(recs, f"{name}.png")

@@ -170,6 +170,10 @@ def test_resume_keeps_finished_cells_and_trains_the_rest(tmp_path, monkeypatch):
     again = bench.run_datasets(settings, tasks, previous=failed)
     assert trained == ["facet-64"] and again[0] is first[0]
 
+    # the report of a run in pieces lists the cells still to train
+    planned = [["rmd17-ethanol", "egnn-64"], ["rmd17-ethanol", "facet-64"], ["acac", "egnn-64"]]
+    assert bench.pending_cells(planned, failed) == [["rmd17-ethanol", "facet-64"], ["acac", "egnn-64"]]
+
     # another budget is another measurement: every cell is trained
     trained.clear()
     longer = suite.Settings.make(False, models=("egnn-64", "facet-64"), budget_s=60.0, threads=1)
