@@ -232,20 +232,22 @@ def run(args: argparse.Namespace) -> list[Path]:
     splits = structures.write_md17_splits(cache, n_train, n_val, n_test) if needs_md17 else {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = {"neighbors": lambda: neighbors_bench.run(), "infer": lambda: run_infer(settings, paths),
-             "train": lambda: run_train(settings, paths, splits),
-             "accuracy": lambda: (run_datasets(settings, tasks) if tasks else run_accuracy(settings, splits)),
-             "roofline": lambda: run_roofline(settings, paths)}
+    previous = save = None
     if tasks and "accuracy" in only:
-        raw = out / f"{report.report_name('accuracy', settings.dtypes, settings.report_variant)}.json"
-        previous = _previous_cells(raw, meta) if args.resume else None
+        accuracy_raw = out / f"{report.report_name('accuracy', settings.dtypes, settings.report_variant)}.json"
+        previous = _previous_cells(accuracy_raw, meta) if args.resume else None
+        meta["planned_cells"] = [[task.name, label] for task in tasks for label, _, _ in _accuracy_models(settings)]
 
         def save(records: list[dict]) -> None:
             meta["machine_end"] = report.machine_info()
-            raw.write_text(json.dumps({"meta": meta, "records": {"accuracy": records}}, indent=1, default=str))
+            accuracy_raw.write_text(json.dumps({"meta": meta, "records": {"accuracy": records}}, indent=1,
+                                               default=str))
 
-        meta["planned_cells"] = [[task.name, label] for task in tasks for label, _, _ in _accuracy_models(settings)]
-        steps["accuracy"] = lambda: run_datasets(settings, tasks, previous, save)
+    steps = {"neighbors": lambda: neighbors_bench.run(), "infer": lambda: run_infer(settings, paths),
+             "train": lambda: run_train(settings, paths, splits),
+             "accuracy": lambda: (run_datasets(settings, tasks, previous, save) if tasks
+                                  else run_accuracy(settings, splits)),
+             "roofline": lambda: run_roofline(settings, paths)}
     for part in PARTS:
         if part in only:
             log(part)

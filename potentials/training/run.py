@@ -166,18 +166,17 @@ def _finetune_module(cfg: DictConfig, dm, model: EnergyModel, base, physics: Phy
     energies as ``finetune.reference_energies`` says, ``finetune.freeze`` applied, ``finetune.lr``."""
     ft = cfg.finetune
     elements = [int(z) for z in cfg.data_stats.atomic_energies]
-    potential, new = finetune.init_potential(model, base, elements, ft.get("new_elements", "nearest"),
-                                              kernels=cfg.kernels, physics=physics)
+    mode = ft.get("new_elements", "nearest")
+    potential, new = finetune.init_potential(model, base, elements, mode, kernels=cfg.kernels, physics=physics)
     potential.compiled = bool(cfg.get("compile", False))
     potential = potential.to(dtype)
     if new:
         from ase.data import chemical_symbols
 
-        how = {"nearest": lambda z: f"as {chemical_symbols[finetune.nearest_known(z, base.elements)]}",
-               "mean": lambda z: "as the mean of the known", "random": lambda z: "random"}[ft.get("new_elements",
-                                                                                                   "nearest")]
-        log.info("elements the base never saw: %s (embedding rows start %s; reference energies fitted)",
-                 ", ".join(f"{chemical_symbols[z]} ({how(z)})" for z in new), "by finetune.new_elements")
+        start = {z: f"as {chemical_symbols[finetune.nearest_known(z, base.elements)]}" if mode == "nearest" else mode
+                 for z in new}
+        log.info("elements the base never saw: %s (embedding rows: finetune.new_elements=%s; reference energies "
+                 "fitted)", ", ".join(f"{chemical_symbols[z]} ({start[z]})" for z in new), mode)
     finetune.fit_reference_energies(potential, dm.splits["train"], base, new, ft.reference_energies,
                                     weights=fit_weights(dm))
     frozen = finetune.apply_freeze(potential, list(ft.freeze or []))
