@@ -76,6 +76,7 @@ OURS_MODELS: dict[str, dict] = {
     "eqv2-64-l2-6x7": {**_EQV2, "grid_resolution": [6, 7], "edge_grid_resolution": [6, 7]},
     "facet-64": {**_FACET, "channels": 64},
     "facet-128": {**_FACET, "channels": 128},
+    "facet-64-l2": {**_FACET, "channels": 64, "lmax": 2},  # features up to L = 2
     "facet-64-mlp": {**_FACET, "channels": 64, "radial": "mlp"},
     "facet-64-gate": {**_FACET, "channels": 64, "self_interaction": "gate"},
     "facet-64-mlp-gate": {**_FACET, "channels": 64, "radial": "mlp", "self_interaction": "gate"},
