@@ -105,12 +105,12 @@ def test_model_rotation_error_at_default_resolution(lmax, channels):
 
 
 def test_shipped_preset_rotation_error_at_default_resolution():
-    """``model=equiformer_v2`` exactly as configured (lmax 3, 32 channels, 3 blocks) meets the 1e-4 target."""
+    """``model=equiformer_v2`` exactly as configured (lmax 2, 64 channels, 2 blocks) meets the 1e-4 target."""
     cfg = yaml.safe_load((CONFIG_DIR / "model" / "equiformer_v2.yaml").read_text())
     assert cfg.pop("_target_") == "potentials.models.equiformer.EquiformerV2"
     assert cfg["grid_resolution"] is None and cfg["edge_grid_resolution"] is None
     cfg.update(cutoff=CUTOFF, avg_num_neighbors=20.0)
-    torch.manual_seed(0)  # at the coarser 4(lmax+1) node grid this seed gave a force error of 2.5e-4
+    torch.manual_seed(0)  # the former lmax 3 preset gave 2.5e-4 with this seed at a 4(lmax+1) node grid
     _, err_f, err_s = _rotation_errors(Potential(EquiformerV2(**cfg), CUTOFF, scale=1.0).double().eval())
     print(f"\nmodel=equiformer_v2 preset: relative rotation error F {err_f:.1e}  S {err_s:.1e}")
     assert err_f < 1e-4 and err_s < 1e-4
