@@ -140,7 +140,24 @@ def test_published_column_and_ratios_to_mace_at_equal_time(tmp_path):
     rows = report.equal_time_ratios([mace, ours], [10.0, 20.0, 40.0])
     assert rows[0][:3] == ["egnn-64", "ours", "mace-64"] and rows[0][3:] == pytest.approx([2.0, 2.0, 2.0])
     sections = report.dataset_sections([mace, ours], 40.0, tmp_path, "accuracy", eval_points=3)
-    assert sections[0][0].startswith("rmd17-aspirin") and (tmp_path / "accuracy.png").stat().st_size > 0
+    assert sections[0][0] == "Targets" and sections[1][0].startswith("rmd17-aspirin")
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+
+
+def test_targets_name_the_best_model_and_the_margin():
+    mace = _record("mace-64", "mace", "rmd17-aspirin", [(10.0, 100.0), (40.0, 50.0)])
+    egnn = _record("egnn-64", "ours", "rmd17-aspirin", [(10.0, 90.0), (40.0, 45.0)])
+    facet = _record("facet-64-l2", "ours", "rmd17-aspirin", [(10.0, 80.0), (40.0, 42.0)])
+    peer = _record("nequip-s", "nequip", "rmd17-aspirin", [(10.0, 10.0), (40.0, 5.0)])
+    acac = [_record("mace-64", "mace", "acac", [(40.0, 10.0)]), _record("egnn-64", "ours", "acac", [(40.0, 12.0)])]
+    table = report.targets_table({"rmd17-aspirin": [mace, egnn, facet, peer], "acac": acac})
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "target" not in line]
+    assert table.startswith("1 of 3 met")
+    # the peer's lower error does not count: the best model here is Facet at 0.84 of MACE
+    assert lines[0].split(" | ")[1:3] == ["rmd17-aspirin", "facet-64-l2"] and lines[0].endswith("| met |")
+    assert "Facet ≤ 0.8 × MACE" in lines[1] and lines[1].endswith("| missed by 5% |")
+    assert lines[2].split(" | ")[1:3] == ["acac", "egnn-64"] and lines[2].endswith("| missed by 20% |")
+    assert report.targets_table({"acac": acac[1:]}) == ""  # no MACE cell: nothing to judge
 
 
 def test_resume_keeps_finished_cells_and_trains_the_rest(tmp_path, monkeypatch):
