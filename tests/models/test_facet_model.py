@@ -140,3 +140,25 @@ def test_rejects_bad_options():
         _model(self_interaction="tp")
     with pytest.raises(ValueError, match="num_layers"):
         Facet(cutoff=CUTOFF, num_layers=0)
+
+
+def test_shipped_preset_rotation_error():
+    """``model=facet`` exactly as configured (lmax 2, 64 channels, default grid) keeps forces and stress within
+    1e-4 of exact rotation equivariance."""
+    cfg = OmegaConf.load(CONF / "facet.yaml")
+    root = OmegaConf.create({"cutoff": CUTOFF, "data_stats": {"avg_num_neighbors": 12.0}, "model": cfg})
+    torch.manual_seed(0)
+    model = instantiate(root.model)
+    assert model.lmax == 2 and cfg.grid_resolution is None
+    worst = 0.0
+    for atoms in (_alloy(), _molecule()):
+        ref = _evaluate(model, atoms)
+        for seed in range(2):
+            rot = Rotation.random(random_state=seed).as_matrix()
+            out = _evaluate(model, _rotated(atoms, rot))
+            worst = max(worst, np.abs(out["forces"] - ref["forces"] @ rot.T).max() / np.abs(ref["forces"]).max())
+            if atoms.pbc.all():
+                expected = rot @ ref["stress"][0] @ rot.T
+                worst = max(worst, np.abs(out["stress"][0] - expected).max() / np.abs(expected).max())
+    print(f"\nmodel=facet preset: relative rotation error of forces and stress {worst:.1e}")
+    assert 0.0 < worst < 1e-4
