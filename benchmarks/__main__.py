@@ -11,10 +11,12 @@ number, + ``<part>.png``), replacing that part's previous report; the run's date
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime as dt
 import json
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,9 +114,11 @@ def run_datasets(settings: suite.Settings, tasks: list[datasets.Task], previous:
 
     ``previous``: records of an earlier run of the same part (``--resume``); a cell whose :func:`cell_key` matches
     a finished record there is taken over instead of trained again, so a run of many hours can be done in pieces.
-    ``save(records)`` is called after every cell, so an interrupted run loses at most the cell it was training."""
+    ``save(records)`` is called after every cell, so an interrupted run loses at most the cells it was training.
+    ``settings.jobs`` cells train at once (each worker with ``settings.threads`` threads); records keep the
+    planned order whatever order the cells finish in."""
     done = {rec["cell_key"]: rec for rec in previous or () if "cell_key" in rec and "result" in rec}
-    records = []
+    cells = []
     for task in tasks:
         paths = datasets.write_task(task, structures.CACHE_DIR)
         log(f"data set {task.name}: {paths['sizes']} {paths['notes'].get('held_out_groups', '')}")
@@ -123,19 +127,41 @@ def run_datasets(settings: suite.Settings, tasks: list[datasets.Task], previous:
         for label, framework, cfg in _accuracy_models(settings):
             req = {**_train_request(settings, label, cfg), "train": paths["train"], "val": paths["val"],
                    "tests": paths["tests"], "stress": task.stress}
-            key = cell_key(task.name, label, req)
-            if key in done:
-                log(f"train_equal_time {label} on {task.name}: taken from the earlier run "
-                    f"({done[key].get('finished', '?')})")
-                records.append(done[key])
-            else:
-                rec = _record(framework, label, req, settings, timeout=settings.budget_s * 3 + 1800)
-                records.append({**rec, **info, "cell_key": key,
-                                "finished": dt.datetime.now().isoformat(timespec="seconds"),
-                                "load_avg_end": report.machine_info()["load_avg_1_5_15"]})
+            cells.append((task.name, label, framework, req, info, cell_key(task.name, label, req)))
+    results: list[dict | None] = [None] * len(cells)
+    lock = threading.Lock()
+
+    def finish(index: int, rec: dict) -> None:
+        with lock:
+            results[index] = rec
             if save is not None:
-                save(records)
-    return records
+                save([r for r in results if r is not None])
+
+    def train(index: int) -> None:
+        _, label, framework, req, info, key = cells[index]
+        rec = _record(framework, label, req, settings, timeout=settings.budget_s * 3 + 1800)
+        finish(index, {**rec, **info, "cell_key": key, "finished": dt.datetime.now().isoformat(timespec="seconds"),
+                       "load_avg_end": report.machine_info()["load_avg_1_5_15"]})
+
+    todo = []
+    for index, (name, label, framework, _, _, key) in enumerate(cells):
+        if key in done:
+            log(f"train_equal_time {label} on {name}: taken from the earlier run ({done[key].get('finished', '?')})")
+            finish(index, done[key])
+        else:
+            todo.append(index)
+    jobs = max(1, int(settings.jobs))
+    if jobs == 1:
+        for index in todo:
+            train(index)
+    else:
+        for framework in dict.fromkeys(cells[i][2] for i in todo):
+            if framework != "ours":
+                peers.ensure_venv(framework)  # built once, before workers start side by side
+        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+            for future in [pool.submit(train, index) for index in todo]:
+                future.result()
+    return [r for r in results if r is not None]
 
 
 def run_roofline(settings: suite.Settings, paths: dict[str, Path]) -> dict:
@@ -215,7 +241,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         models=tuple(args.models.split(",")) if args.models else None,
         accuracy_models=tuple(args.accuracy_models.split(",")) if args.accuracy_models else None,
         omp_wait_policy=args.omp_wait, malloc=args.malloc, rounds=args.rounds, datasets=args.datasets,
-        eval_points=args.eval_points, report_variant=args.report_variant)
+        eval_points=args.eval_points, report_variant=args.report_variant, jobs=args.jobs)
     tasks = datasets.parse_datasets(settings.datasets) if settings.datasets else []
     start = dt.datetime.now()
     meta = {"start": start.isoformat(timespec="seconds"), "machine_start": report.machine_info(),
@@ -370,6 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--malloc", default="tuned", choices=("tuned", "system"),
                    help="glibc allocator settings of every worker: tuned (freed memory kept for reuse, as "
                         "potentials.accel.allocator sets) or the system defaults")
+    r.add_argument("--jobs", type=int, help="accuracy cells trained at once, each worker with --threads threads "
+                   "(default 1); keep jobs x threads at most the core count for fair timings")
     r.add_argument("--resume", action="store_true",
                    help="accuracy part with --datasets: keep the finished cells (data set x model, same settings) "
                         "of the report being replaced and train only the others; the report is saved after every "

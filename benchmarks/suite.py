@@ -123,6 +123,7 @@ class Settings:
     malloc: str = "tuned"  # glibc allocator settings of every worker: "tuned" (potentials.accel.allocator) or "system"
     datasets: str = ""  # accuracy part: real-data sets (benchmarks.datasets.parse_datasets); empty: MD17 ethanol
     eval_points: int = 8  # evaluations per equal-time training run, log-spaced in time
+    jobs: int = 1  # accuracy part: (set, model) cells trained at once, each worker with ``threads`` threads
     report_variant: str = ""  # non-empty: reports go to <part>-<variant>.* (a side report) instead of <part>.*
     rounds: int = 1  # repetitions of the inference part (models interleaved); the report takes medians
     roofline_structures: tuple[str, ...] = ("cu500", "si64")  # the roofline part's structures (--structures)

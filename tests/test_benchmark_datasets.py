@@ -196,3 +196,30 @@ def test_resume_keeps_finished_cells_and_trains_the_rest(tmp_path, monkeypatch):
     longer = suite.Settings.make(False, models=("egnn-64", "facet-64"), budget_s=60.0, threads=1)
     bench.run_datasets(longer, tasks, previous=first)
     assert trained == ["egnn-64", "facet-64"]
+
+
+def test_jobs_train_cells_side_by_side_and_keep_the_planned_order(tmp_path, monkeypatch):
+    """--jobs 2: two cells are in their workers at the same time (a two-party barrier would time out otherwise);
+    records and saves follow the planned order although the second cell finishes first."""
+    import threading
+    import time
+
+    import benchmarks.__main__ as bench
+    from benchmarks import structures, suite
+
+    monkeypatch.setattr(structures, "CACHE_DIR", tmp_path / "cache")
+    both_running = threading.Barrier(2, timeout=20)
+
+    def fake_record(framework, label, request, settings, timeout):
+        both_running.wait()
+        if label == "egnn-64":
+            time.sleep(0.3)
+        return {"label": label, "framework": framework, "result": {}}
+
+    monkeypatch.setattr(bench, "_record", fake_record)
+    settings = suite.Settings.make(False, models=("egnn-64", "facet-64"), budget_s=30.0, threads=1, jobs=2)
+    saved: list[list[str]] = []
+    records = bench.run_datasets(settings, datasets.parse_datasets("rmd17:ethanol"),
+                                 save=lambda recs: saved.append([r["label"] for r in recs]))
+    assert [r["label"] for r in records] == ["egnn-64", "facet-64"]
+    assert saved == [["facet-64"], ["egnn-64", "facet-64"]]
