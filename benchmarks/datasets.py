@@ -104,7 +104,8 @@ _ALL_MEMBERS = {"rmd17": RMD17_MOLECULES, "ta": PERIODIC_SPLITS, "inp": PERIODIC
 def parse_datasets(spec: str) -> list[Task]:
     """Tasks named by a ``--datasets`` value (``quick`` stands for :data:`QUICK_DATASETS`).
 
-    A bare set name with members (``rmd17``, ``ta``, ``inp``) means all of them.
+    A bare set name with members (``rmd17``, ``ta``, ``inp``) means all of them; ``periodic`` means ``ta`` and
+    ``inp`` (``periodic:random``: their random splits).
     """
     spec = QUICK_DATASETS if spec.strip() == "quick" else spec
     chosen: list[tuple[str, list[str]]] = []
@@ -112,13 +113,15 @@ def parse_datasets(spec: str) -> list[Task]:
         if not word:
             continue
         name, colon, member = word.partition(":")
-        if name in DATASETS:
+        if name == "periodic":  # the shared folder's name: both periodic sets
+            chosen += [(n, [member] if colon and member else []) for n in ("ta", "inp")]
+        elif name in DATASETS:
             chosen.append((name, [member] if colon and member else []))
         elif chosen and not colon and chosen[-1][1]:
             chosen[-1][1].append(word)
         else:
-            raise ValueError(f"--datasets: {word!r} is neither a data set ({', '.join(DATASETS)}) nor a member of "
-                             "the set named before it")
+            raise ValueError(f"--datasets: {word!r} is neither a data set ({', '.join(DATASETS)}, periodic) "
+                             "nor a member of the set named before it")
     tasks: list[Task] = []
     for name, members in chosen:
         for member in members or _ALL_MEMBERS.get(name, ("",)):

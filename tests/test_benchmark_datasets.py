@@ -33,6 +33,10 @@ def test_parse_datasets_selects_members_and_expands_bare_names():
     ta = datasets.parse_datasets("ta:random")[0]
     assert ta.stress and ta.per_atom_energy
     assert [t.name for t in datasets.parse_datasets("quick")] == ["rmd17-aspirin", "acac", "ta-random"]
+    # "periodic", the shared folder's name, is both periodic sets (with a member: that split of each)
+    assert [t.name for t in datasets.parse_datasets("acac,periodic")] == ["acac", "ta-random", "ta-group",
+                                                                           "inp-random", "inp-group"]
+    assert [t.name for t in datasets.parse_datasets("periodic:group")] == ["ta-group", "inp-group"]
     with pytest.raises(ValueError, match="unknown rMD17 molecule 'aspirine'"):
         datasets.parse_datasets("rmd17:aspirine")
     with pytest.raises(ValueError, match="'toluene' is neither"):
