@@ -55,7 +55,7 @@ def test_paper_presets_have_the_papers_parameter_counts(name, paper):
 
 def test_default_config_builds_and_runs():
     model = _config("equiformer_v2")
-    assert (model.lmax, model.mmax, model.direct_forces) == (3, 2, False)
+    assert (model.lmax, model.mmax, model.direct_forces, len(model.blocks)) == (2, 2, False, 2)
     graph = _batch([ase.build.molecule("H2O")], CUTOFF, dtype=torch.float32)
     graph.edge_vec = graph.pos[graph.edge_index[0]] - graph.pos[graph.edge_index[1]]
     assert model(graph).shape == (3,)
