@@ -342,9 +342,12 @@ def write(run_data: dict, out: Path) -> list[Path]:
         elif part == "train":
             sections = [("Training step (forces in the loss, graphs prebuilt, float32)", report.train_table(recs))]
         elif part == "accuracy" and any("dataset" in r for r in recs):
-            sections = report.dataset_sections(recs, settings["budget_s"], out, name,
-                                               settings.get("eval_points", 8))
             pending = pending_cells(meta.get("planned_cells", []), recs)
+            by_set: dict[str, list[str]] = {}
+            for dataset, label in pending:
+                by_set.setdefault(dataset, []).append(label)
+            sections = report.dataset_sections(recs, settings["budget_s"], out, name,
+                                               settings.get("eval_points", 8), pending=by_set)
             if pending:
                 sections.insert(0, ("Cells not measured yet", f"{len(pending)} of {len(meta['planned_cells'])} "
                                     "(set, model) cells of this command have no result yet; rerunning the command "
