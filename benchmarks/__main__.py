@@ -84,16 +84,22 @@ def _accuracy_models(settings: suite.Settings) -> list[tuple[str, str, dict]]:
             if framework != "fairchem" and (not settings.accuracy_models or label in settings.accuracy_models)]
 
 
-def _train_request(settings: suite.Settings, label: str, cfg: dict) -> dict:
-    return {**_common(settings, "train_equal_time", "float32", cfg), "budget_s": settings.budget_s,
-            "batch_size": 5, "eval_points": settings.eval_points, **suite.TRAINING_OVERRIDES.get(label, {})}
+def _train_request(settings: suite.Settings, label: str, cfg: dict, framework: str) -> dict:
+    """The equal-time request of one model: the shared recipe, the model's own overrides, then (this project's
+    models only) ``--recipe``; ``--seed`` for every framework."""
+    req = {**_common(settings, "train_equal_time", "float32", cfg), "budget_s": settings.budget_s,
+           "batch_size": 5, "eval_points": settings.eval_points, **suite.TRAINING_OVERRIDES.get(label, {})}
+    if framework == "ours":
+        req.update(settings.recipe)
+    req["seed"] = settings.seed
+    return req
 
 
 def run_accuracy(settings: suite.Settings, splits: dict[str, Path]) -> list[dict]:
     """MACE, nequip and our models trained on MD17 ethanol for the same wall-clock budget (fairchem not included)."""
     records = []
     for label, framework, cfg in _accuracy_models(settings):
-        req = {**_train_request(settings, label, cfg), **{k: str(v) for k, v in splits.items()}}
+        req = {**_train_request(settings, label, cfg, framework), **{k: str(v) for k, v in splits.items()}}
         records.append(_record(framework, label, req, settings, timeout=settings.budget_s * 3 + 1800))
     return records
 
@@ -125,7 +131,7 @@ def run_datasets(settings: suite.Settings, tasks: list[datasets.Task], previous:
         info = {"dataset": task.name, "sizes": paths["sizes"], "tests": list(task.tests), "stress": task.stress,
                 "per_atom_energy": task.per_atom_energy, "notes": paths["notes"]}
         for label, framework, cfg in _accuracy_models(settings):
-            req = {**_train_request(settings, label, cfg), "train": paths["train"], "val": paths["val"],
+            req = {**_train_request(settings, label, cfg, framework), "train": paths["train"], "val": paths["val"],
                    "tests": paths["tests"], "stress": task.stress}
             cells.append((task.name, label, framework, req, info, cell_key(task.name, label, req)))
     results: list[dict | None] = [None] * len(cells)
@@ -241,7 +247,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         models=tuple(args.models.split(",")) if args.models else None,
         accuracy_models=tuple(args.accuracy_models.split(",")) if args.accuracy_models else None,
         omp_wait_policy=args.omp_wait, malloc=args.malloc, rounds=args.rounds, datasets=args.datasets,
-        eval_points=args.eval_points, report_variant=args.report_variant, jobs=args.jobs)
+        eval_points=args.eval_points, report_variant=args.report_variant, jobs=args.jobs,
+        recipe=suite.parse_recipe(args.recipe) if args.recipe else None, seed=args.seed)
     tasks = datasets.parse_datasets(settings.datasets) if settings.datasets else []
     start = dt.datetime.now()
     meta = {"start": start.isoformat(timespec="seconds"), "machine_start": report.machine_info(),
@@ -405,6 +412,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="accuracy part with --datasets: keep the finished cells (data set x model, same settings) "
                         "of the report being replaced and train only the others; the report is saved after every "
                         "cell")
+    r.add_argument("--recipe", help="accuracy part: change this project's models' equal-time recipe, e.g. "
+                   f"lr=3e-3,ema_decay=0.999 (fields: {','.join(suite.RECIPE_FIELDS)}); the peers keep theirs. "
+                   "For tuning: judge on the validation column, with --report-variant")
+    r.add_argument("--seed", type=int, help="accuracy part: seed of every model's initialisation and batch order "
+                                            "(default 0), to measure run-to-run spread")
     r.add_argument("--report-variant", help="write <part>-<variant>.md/.json/.png instead of replacing <part>.md "
                                             "(a side report over a subset of models)")
     r.add_argument("--out", default=str(report.RESULTS_DIR))

@@ -334,7 +334,7 @@ def dataset_table(records: list[dict]) -> str:
     first = records[0]
     tests, stress, per_atom = first["tests"], first["stress"], first["per_atom_energy"]
     e_key, e_unit = ("e_mae_meV_atom", "meV/atom") if per_atom else ("e_mae_meV", "meV")
-    headers = ["model", "framework", "params", "lr", "steps", "epochs"]
+    headers = ["model", "framework", "params", "lr", "steps", "epochs", "val F MAE meV/Å"]
     for t in tests:
         prefix = "" if len(tests) == 1 else f"{t} "
         headers += [f"{prefix}E MAE {e_unit}", f"{prefix}F MAE meV/Å"] + ([f"{prefix}S MAE meV/Å³"] if stress else [])
@@ -344,7 +344,8 @@ def dataset_table(records: list[dict]) -> str:
             continue
         r = rec["result"]
         last = r["curve"][-1]
-        row = [rec["label"], rec["framework"], r["model"].get("n_params"), r.get("lr"), r["steps"], r["epochs"]]
+        row = [rec["label"], rec["framework"], r["model"].get("n_params"), r.get("lr"), r["steps"], r["epochs"],
+               last.get("val_f_mae_meV_A")]
         for t in tests:
             row += [_set_metric(last, t, e_key), _set_metric(last, t, "f_mae_meV_A")]
             if stress:
@@ -354,8 +355,8 @@ def dataset_table(records: list[dict]) -> str:
 
     published = published_force_mae(first["dataset"])
     if published is not None:
-        rows.append(["MACE, published", PUBLISHED_SOURCE, None, None, None, None, None, published]
-                    + [None] * (len(headers) - 8))
+        lead = ["MACE, published", PUBLISHED_SOURCE] + [None] * 6  # up to the first test set's energy
+        rows.append(lead + [published] + [None] * (len(headers) - len(lead) - 1))
     sizes = ", ".join(f"{k} {v}" for k, v in first["sizes"].items())
     notes = first.get("notes", {})
     facts = f"Frames: {sizes}. Source: {notes.get('source', '?')}."

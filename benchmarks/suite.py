@@ -92,6 +92,35 @@ TRAINING_OVERRIDES: dict[str, dict] = {
     **{label: {"lr": 2e-3} for label in OURS_MODELS if label.startswith("eqv2-")},
 }
 
+#: The fields of the equal-time recipe that ``--recipe`` may change for this project's models (the peers keep their
+#: documented defaults): peak learning rate, EMA decay, batch size, MACE's second stage on or off and its rate.
+RECIPE_FIELDS: dict[str, type] = {"lr": float, "ema_decay": float, "batch_size": int, "stage_two": bool,
+                                  "stage_two_lr": float}
+
+
+def parse_recipe(text: str) -> dict:
+    """``"lr=3e-3,ema_decay=0.999"`` → ``{"lr": 0.003, "ema_decay": 0.999}``, checked against
+    :data:`RECIPE_FIELDS`."""
+    out: dict = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in RECIPE_FIELDS:
+            raise ValueError(f"--recipe item {item!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{sorted(RECIPE_FIELDS)}")
+        kind = RECIPE_FIELDS[key]
+        try:
+            if kind is bool:
+                if value.strip().lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                out[key] = value.strip().lower() in ("true", "1")
+            else:
+                out[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"--recipe item {item!r}: {value!r} is not a valid {kind.__name__}") from None
+    return out
+
+
 #: The models the ``--quick`` run measures (one per framework).
 QUICK_MODELS = ("mace-64", "escn-md-64-l2", "nequip-s", "egnn-64")
 
@@ -124,6 +153,8 @@ class Settings:
     datasets: str = ""  # accuracy part: real-data sets (benchmarks.datasets.parse_datasets); empty: MD17 ethanol
     eval_points: int = 8  # evaluations per equal-time training run, log-spaced in time
     jobs: int = 1  # accuracy part: (set, model) cells trained at once, each worker with ``threads`` threads
+    recipe: dict = field(default_factory=dict)  # --recipe: changes to our models' equal-time recipe (RECIPE_FIELDS)
+    seed: int = 0  # accuracy part: seed of every model's initialisation and batch order (peers too)
     report_variant: str = ""  # non-empty: reports go to <part>-<variant>.* (a side report) instead of <part>.*
     rounds: int = 1  # repetitions of the inference part (models interleaved); the report takes medians
     roofline_structures: tuple[str, ...] = ("cu500", "si64")  # the roofline part's structures (--structures)

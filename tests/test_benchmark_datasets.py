@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from ase import units
 
-from benchmarks import datasets, report
+from benchmarks import datasets, report, suite
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -124,6 +124,7 @@ def test_missing_group_label_names_file_frame_and_field(tmp_path, monkeypatch):
 
 def _record(label, framework, dataset, f_curve, tests=("test",)):
     curve = [{"elapsed_s": t, "steps": k + 1, "epoch": 1, "test_f_mae_meV_A": f, "test_e_mae_meV": 1.0,
+              "val_f_mae_meV_A": 0.9 * f,
               "sets": {name: {"e_mae_meV": 1.0, "e_mae_meV_atom": 0.1, "f_mae_meV_A": f} for name in tests}}
              for k, (t, f) in enumerate(f_curve)]
     return {"label": label, "framework": framework, "dataset": dataset, "tests": list(tests), "stress": False,
@@ -139,6 +140,13 @@ def test_published_column_and_ratios_to_mace_at_equal_time(tmp_path):
     ours = _record("egnn-64", "ours", "rmd17-aspirin", [(10.0, 200.0), (40.0, 50.0)])
     table = report.dataset_table([mace, ours])
     assert "| MACE, published |" in table and "6.6" in table
+    # the published value sits under the test set's force column; the validation column shows the last point
+    lines = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()
+             if line.startswith("| ")]
+    header, published = lines[0], lines[-1]
+    egnn = next(line for line in lines if line[0] == "egnn-64")
+    assert published[header.index("F MAE meV/Å")] == "6.6"
+    assert egnn[header.index("val F MAE meV/Å")] == "45" and egnn[header.index("F MAE meV/Å")] == "50"
     assert "published" not in report.dataset_table([{**mace, "dataset": "acac"}])
     # both curves fall as 1/t: twice MACE's error at every time, interpolated in log-log between the points
     rows = report.equal_time_ratios([mace, ours], [10.0, 20.0, 40.0])
@@ -234,3 +242,25 @@ def test_jobs_train_cells_side_by_side_and_keep_the_planned_order(tmp_path, monk
                                  save=lambda recs: saved.append([r["label"] for r in recs]))
     assert [r["label"] for r in records] == ["egnn-64", "facet-64"]
     assert saved == [["facet-64"], ["egnn-64", "facet-64"]]
+
+
+def test_recipe_changes_our_models_only_and_the_seed_every_model():
+    """--recipe (tuning on the validation split) reaches this project's models, never the peers; --seed all;
+    without either the request is the one earlier reports' cells were keyed by."""
+    from benchmarks.__main__ import _train_request
+
+    assert suite.parse_recipe("lr=3e-3, ema_decay=0.999,stage_two=false,batch_size=8") == {
+        "lr": 3e-3, "ema_decay": 0.999, "stage_two": False, "batch_size": 8}
+    with pytest.raises(ValueError, match="'warmup=3'.*one of"):
+        suite.parse_recipe("warmup=3")
+    with pytest.raises(ValueError, match="'lr=fast'.*not a valid float"):
+        suite.parse_recipe("lr=fast")
+    base = suite.Settings.make(False)
+    tuned = suite.Settings.make(False, recipe=suite.parse_recipe("lr=3e-3,stage_two_lr=5e-4"), seed=2)
+    cfg = suite.OURS_MODELS["egnn-64"]
+    plain = _train_request(base, "egnn-64", cfg, "ours")
+    assert plain["lr"] == 5e-3 and plain["seed"] == 0 and "stage_two_lr" not in plain
+    ours = _train_request(tuned, "egnn-64", cfg, "ours")
+    assert ours["lr"] == 3e-3 and ours["stage_two_lr"] == 5e-4 and ours["seed"] == 2
+    peer = _train_request(tuned, "mace-64", suite.MACE_MODELS["mace-64"], "mace")
+    assert "lr" not in peer and "stage_two_lr" not in peer and peer["seed"] == 2

@@ -214,6 +214,8 @@ def test_stage_two_raises_energy_weight_and_lowers_lr():
     assert _common.loss_weights(0.5, opt) == (1.0, 100.0) and opt.param_groups[0]["lr"] == 0.01
     assert _common.loss_weights(0.8, opt) == (1000.0, 100.0) and opt.param_groups[0]["lr"] == 1e-3
     assert _common.loss_weights(0.8, None, stage_two=False) == (1.0, 100.0)
+    assert _common.loss_weights(0.9, opt, stage_two_lr=4e-4) == (1000.0, 100.0)
+    assert opt.param_groups[0]["lr"] == 4e-4
 
 
 def test_neighbor_builders_agree_on_small_cells():

@@ -189,13 +189,15 @@ STRESS_WEIGHT = 1.0
 STAGE_TWO = {"start": 0.75, "energy_weight": 1000.0, "forces_weight": 100.0, "lr": 1e-3}
 
 
-def loss_weights(fraction: float, optimizer=None, stage_two: bool = True) -> tuple[float, float]:
-    """(energy, forces) loss weights at ``fraction`` of the budget; sets the stage-two learning rate."""
+def loss_weights(fraction: float, optimizer=None, stage_two: bool = True,
+                 stage_two_lr: float | None = None) -> tuple[float, float]:
+    """(energy, forces) loss weights at ``fraction`` of the budget; sets the stage-two learning rate
+    (``stage_two_lr``, else MACE's 1e-3)."""
     if not stage_two or fraction < STAGE_TWO["start"]:
         return 1.0, 100.0
     if optimizer is not None:
         for group in optimizer.param_groups:
-            group["lr"] = STAGE_TWO["lr"]
+            group["lr"] = STAGE_TWO["lr"] if stage_two_lr is None else stage_two_lr
     return STAGE_TWO["energy_weight"], STAGE_TWO["forces_weight"]
 
 

@@ -265,9 +265,11 @@ def train_equal_time(request: dict) -> dict:
                 for i in range(0, len(order) - bs + 1, bs))
 
     stage_two = bool(request.get("stage_two", True))
+    stage_two_lr = request.get("stage_two_lr")
+    stage_two_lr = None if stage_two_lr is None else float(stage_two_lr)
 
     def step(batch, fraction):
-        weights = (*loss_weights(fraction, opt, stage_two), STRESS_WEIGHT if stress else 0.0)
+        weights = (*loss_weights(fraction, opt, stage_two, stage_two_lr), STRESS_WEIGHT if stress else 0.0)
         opt.zero_grad(set_to_none=True)
         loss_fn(pot(batch, compute_forces=True, compute_stress=stress), batch, weights).backward()
         torch.nn.utils.clip_grad_norm_(pot.parameters(), CLIP_GRAD_NORM)
@@ -290,7 +292,8 @@ def train_equal_time(request: dict) -> dict:
     return {"peer": "ours", "versions": versions(VERSIONS), "model": {**cfg, "n_params": n_params(pot)},
             "dtype": request.get("dtype", "float32"), "threads": torch.get_num_threads(),
             "device": device_name(device), "budget_s": float(request["budget_s"]), "batch_size": bs,
-            "lr": float(request.get("lr", 0.01)), **out,
+            "lr": float(request.get("lr", 0.01)), "seed": int(request.get("seed", 0)),
+            "recipe": {k: request[k] for k in ("ema_decay", "stage_two", "stage_two_lr") if k in request}, **out,
             "n_train": len(train), "n_val": len(chunks["val"]), "n_test": len(chunks[next(iter(tests))]),
             "sizes": {k: len(v) for k, v in chunks.items()}, "stress": stress,
             "test_e_mae_meV": final["test_e_mae_meV"], "test_f_mae_meV_A": final["test_f_mae_meV_A"]}
