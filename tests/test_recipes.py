@@ -32,10 +32,11 @@ def test_family_defaults_are_the_benchmarked_configuration(family):
     assert cfg.training.lr == pytest.approx(suite.TRAINING_OVERRIDES.get(label, {}).get("lr", BENCHMARK_LR))
 
 
-def test_rates_differ_by_family_and_presets_inherit():
+def test_presets_inherit_their_family_rate():
     rates = {m: _compose(f"model={m}").training.lr
              for m in ("egnn", "facet", "equiformer_v2", "equiformer_v2_31M", "equiformer_v2_83M", "facet_mptrj")}
-    assert len({rates["egnn"], rates["facet"], rates["equiformer_v2"]}) == 3
+    # the Transformer trains at a lower rate than the two message-passing families
+    assert rates["equiformer_v2"] < min(rates["egnn"], rates["facet"])
     assert rates["equiformer_v2_31M"] == rates["equiformer_v2_83M"] == rates["equiformer_v2"]
     assert rates["facet_mptrj"] == rates["facet"]
     # the rest of the training group is untouched by a recipe
