@@ -89,12 +89,9 @@ OURS_MODELS: dict[str, dict] = {
 #: (validation force MAE back up 1.6-2.5x for minutes on malonaldehyde, paracetamol, salicylic acid); rMD17
 #: validation MAE after 600 s at 1e-2 / 5e-3 / 2.5e-3: malonaldehyde 41.0 / 21.7 / 21.0, paracetamol
 #: 65.9 / 37.4 / 36.5, aspirin 46.1 / 41.5 / - meV/Å (docs/benchmarks.md).
-TRAINING_OVERRIDES: dict[str, dict] = {
-    "egnn-64": {"lr": 5e-3},
-    "egnn-64-coords": {"lr": 5e-3},
-    **{label: {"lr": 5e-3} for label in OURS_MODELS if label.startswith("facet-")},
-    **{label: {"lr": 2e-3} for label in OURS_MODELS if label.startswith("eqv2-")},
-}
+_FAMILY_LR = {"egnn-": 5e-3, "facet-": 5e-3, "eqv2-": 2e-3}
+TRAINING_OVERRIDES: dict[str, dict] = {label: {"lr": lr} for label in OURS_MODELS
+                                       for prefix, lr in _FAMILY_LR.items() if label.startswith(prefix)}
 
 #: The fields of the equal-time recipe that ``--recipe`` may change for this project's models (the peers keep their
 #: documented defaults): peak learning rate, EMA decay, batch size, MACE's second stage on or off and its rate.
